@@ -1,0 +1,155 @@
+"""Per-family knowledge, as data: the only place that knows how model families differ.
+
+An `Adapter` says where a family keeps its text decoder blocks (candidate module paths,
+resolved against the live model), where its block count lives in the config (a dotted path),
+which per-layer config lists must be *selected* by kept index, which index-valued config
+fields must be remapped, which attributes carry a block's own index, the on-disk tensor-name
+prefix of a block, and how image tokens are recognised. Nothing outside this module branches
+on the model family; adding a family is adding one `Adapter` to `ADAPTERS` plus a test.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    architectures: tuple[str, ...]  # config.architectures class names this adapter handles
+    model_types: tuple[str, ...]  # config.model_type values (fallback when architectures is absent)
+    block_paths: tuple[str, ...]  # candidate dotted module paths of the decoder block list
+    text_config_path: str = ""  # dotted path from the root config to the decoder's config
+    count_key: str = "num_hidden_layers"
+    per_layer_lists: tuple[str, ...] = ()  # config lists with one entry per block
+    index_fields: tuple[str, ...] = ()  # config ints counting blocks from the start
+    renumber_attrs: tuple[str, ...] = ("layer_idx",)  # set to the block's new index
+    tensor_prefix: str = "model.layers.{index}."  # on-disk name prefix of block `index`
+    image_token_keys: tuple[str, ...] = ()  # config attributes holding the image token id
+    multimodal: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    # -- config -----------------------------------------------------------------------------
+    def text_config(self, config: Any) -> Any:
+        """The config object that holds the block count (the root for text-only models)."""
+        return _walk(config, self.text_config_path) if self.text_config_path else config
+
+    @property
+    def count_path(self) -> str:
+        return f"{self.text_config_path}.{self.count_key}".lstrip(".")
+
+    def num_blocks(self, config: Any) -> int:
+        return int(getattr(self.text_config(config), self.count_key))
+
+    def image_token_id(self, config: Any) -> int | None:
+        for key in self.image_token_keys:
+            value = getattr(config, key, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    # -- modules ----------------------------------------------------------------------------
+    def block_path(self, model: nn.Module) -> str:
+        """The first candidate path that resolves to a ModuleList on this model."""
+        for path in self.block_paths:
+            try:
+                found = _walk(model, path)
+            except AttributeError:
+                continue
+            if isinstance(found, nn.ModuleList):
+                return path
+        raise UnsupportedArchitectureError(
+            f"No decoder block list found on {type(model).__name__} "
+            f"(looked for {', '.join(self.block_paths)}).",
+            fix=f"this transformers version lays out '{self.family}' differently; "
+            "report it with `pip show transformers` output.",
+        )
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return _walk(model, self.block_path(model))
+
+    def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        parent_path, _, name = self.block_path(model).rpartition(".")
+        setattr(_walk(model, parent_path) if parent_path else model, name, blocks)
+
+
+def _walk(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_LLAMA_LIKE = dict(block_paths=("model.layers",), tensor_prefix="model.layers.{index}.")
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        family="llava",
+        architectures=("LlavaForConditionalGeneration",),
+        model_types=("llava",),
+        # 4.57/5.x keep the decoder at model.language_model; older releases at language_model.model.
+        block_paths=("model.language_model.layers", "language_model.model.layers"),
+        text_config_path="text_config",
+        # LLaVA checkpoints keep the pre-4.52 tensor layout on disk (FACTS.md).
+        tensor_prefix="language_model.model.layers.{index}.",
+        image_token_keys=("image_token_id", "image_token_index"),
+        multimodal=True,
+    ),
+    Adapter(
+        family="llama",
+        architectures=("LlamaForCausalLM",),
+        model_types=("llama",),
+        **_LLAMA_LIKE,
+    ),
+    Adapter(
+        family="mistral",
+        architectures=("MistralForCausalLM",),
+        model_types=("mistral",),
+        **_LLAMA_LIKE,
+    ),
+    Adapter(
+        family="qwen2",
+        architectures=("Qwen2ForCausalLM",),
+        model_types=("qwen2",),
+        # The first `max_window_layers` blocks use full attention: an index field.
+        per_layer_lists=("layer_types",),
+        index_fields=("max_window_layers",),
+        **_LLAMA_LIKE,
+    ),
+)
+
+
+def supported_families() -> list[str]:
+    return [a.family for a in ADAPTERS]
+
+
+def adapter_for_config(config: Any) -> Adapter:
+    """The adapter for a (root) model config; refuses unknown families with the supported list."""
+    names = list(getattr(config, "architectures", None) or [])
+    for adapter in ADAPTERS:
+        if any(name in adapter.architectures for name in names):
+            return adapter
+    model_type = getattr(config, "model_type", None)
+    if not names:
+        for adapter in ADAPTERS:
+            if model_type in adapter.model_types:
+                return adapter
+    shown = names[0] if names else f"model_type '{model_type}'"
+    known = [arch for a in ADAPTERS for arch in a.architectures]
+    close = difflib.get_close_matches(shown, known, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise UnsupportedArchitectureError(
+        f"Architecture {shown} is not supported.{hint} Supported families: "
+        + ", ".join(f"{a.family} ({', '.join(a.architectures)})" for a in ADAPTERS)
+        + ".",
+        fix="use a model of a supported family (see `compressor arch list`).",
+    )
+
+
+def adapter_for_model(model: nn.Module) -> Adapter:
+    return adapter_for_config(model.config)

@@ -1,0 +1,296 @@
+"""The `compressor` command line: click wiring, logging, and errors turned into exit codes.
+
+Each command calls one library function. A `CompressorError` becomes a one-paragraph
+message and its exit code (2 for usage errors); anything else is reported as an internal
+error. Tracebacks only with `-v`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import CompressorError
+
+log = logging.getLogger("compressor")
+_state = {"verbose": False, "quiet": False}
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _state["verbose"] = True
+        _configure_logging()
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _state["quiet"] = True
+        _configure_logging()
+
+
+def _configure_logging() -> None:
+    level = logging.DEBUG if _state["verbose"] else logging.WARNING if _state["quiet"] else logging.INFO
+    root = logging.getLogger("compressor")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    import transformers
+
+    # transformers' own warnings are noise for users unless they asked for detail.
+    transformers.logging.set_verbosity_info() if _state["verbose"] else transformers.logging.set_verbosity_error()
+
+
+def _verbosity(command: Any) -> Any:
+    """-v / --quiet on the group and on every command, wherever the user types them."""
+    command = click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
+                           callback=_set_verbose, help="Debug logging and tracebacks.")(command)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True,
+                        callback=_set_quiet, help="Only warnings and errors; no progress bars.")(command)
+
+
+def _progress() -> bool:
+    return not _state["quiet"]
+
+
+def _device_options(command: Any) -> Any:
+    command = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(command)
+    return click.option("--dtype", default="auto", show_default=True,
+                        type=click.Choice(["auto", "float32", "float16", "bfloat16"]))(command)
+
+
+def _calibration_options(command: Any) -> Any:
+    for option in reversed([
+        click.option("--num-samples", type=click.IntRange(min=1), help="Samples to use [recipe or 128]."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Samples per forward pass [recipe or 8]."),
+        click.option("--max-length", type=click.IntRange(min=8), help="Token limit per sample [recipe or 512]."),
+        click.option("--epsilon", "epsilons", type=click.FloatRange(min=0, min_open=True), multiple=True,
+                     help="Tail-probability threshold; repeat for several [0.01 0.02 0.05 0.1]."),
+        click.option("--max-span", type=click.IntRange(min=1), help="Longest block span for angular distance [4]."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("num_samples", "batch_size", "max_length", "max_span")
+    found = {k: kwargs.get(k) for k in keys}
+    found["epsilons"] = tuple(kwargs["epsilons"]) if kwargs.get("epsilons") else None
+    return found
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@_verbosity
+def cli() -> None:
+    """Make vision-language models and decoder LLMs permanently shorter."""
+    _configure_logging()
+
+
+@cli.command("calibrate")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="JSONL calibration data.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Report JSON to write.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="Take calibration defaults from this recipe.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report.")
+@_calibration_options
+@_device_options
+@_verbosity
+def calibrate_command(model: str, data: Path, output: Path, recipe: Path | None, overwrite: bool,
+                      device: str, dtype: str, **kwargs: Any) -> None:
+    """Measure per-block redundancy of MODEL (folder or Hub id) on a data file."""
+    from .loading import load_model
+    from .pipeline import calibration_options, run_calibration
+    from .recipe import load_recipe
+    from .staging import refuse_existing, staged_file
+
+    refuse_existing(output, overwrite)
+    options = calibration_options(load_recipe(recipe).recipe if recipe else None, **_overrides(kwargs))
+    loaded = load_model(model, device=device, dtype=dtype)
+    report, _ = run_calibration(loaded, data, options, progress=_progress())
+    with staged_file(output, overwrite=overwrite) as staging:
+        report.save(staging)
+    click.echo(f"calibrated {report.num_blocks} blocks on {report.data['num_samples']} samples "
+               f"in {report.elapsed_s:.2f}s -> {output}")
+
+
+@cli.group("recipe")
+def recipe_group() -> None:
+    """Work with recipe files."""
+
+
+@recipe_group.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_verbosity
+def recipe_check(files: tuple[Path, ...]) -> None:
+    """Validate recipe FILES (no model needed); report every problem of every file."""
+    from .errors import RecipeError
+    from .recipe import load_recipe
+
+    failures: list[str] = []
+    for file in files:
+        try:
+            recipe = load_recipe(file).recipe
+        except RecipeError as error:
+            failures.append(str(error))
+            continue
+        click.echo(f"ok: {file} ({recipe.name}: {recipe.select.op})")
+    if failures:
+        raise RecipeError("\n\n".join(failures))
+
+
+@cli.command("plan")
+@click.option("--recipe", required=True, type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path), help="Report from `compressor calibrate`.")
+@click.option("--model", help="Model folder or Hub id (only its config is read) when there is no report.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the plan as JSON.")
+@click.option("--overwrite", is_flag=True)
+@_verbosity
+def plan_command(recipe: Path, calibration: Path | None, model: str | None, output: Path | None, overwrite: bool) -> None:
+    """Print which blocks RECIPE removes, why, and what remains."""
+    from .architectures import adapter_for_config
+    from .calibrate import CalibrationReport
+    from .errors import InputError
+    from .hub import resolve_model_ref
+    from .loading import load_config
+    from .planner import plan
+    from .recipe import load_recipe
+    from .staging import refuse_existing, staged_file
+
+    if output:
+        refuse_existing(output, overwrite)
+    recipe_file = load_recipe(recipe)
+    report = CalibrationReport.load(calibration) if calibration else None
+    if report is not None:
+        num_blocks = report.num_blocks
+    elif model is not None:
+        config = load_config(resolve_model_ref(model).path)
+        num_blocks = adapter_for_config(config).num_blocks(config)
+    else:
+        raise InputError("`compressor plan` needs --calibration (or --model for an explicit recipe).",
+                         fix="run `compressor calibrate MODEL --data D -o calibration.json` first.")
+    surgery_plan = plan(recipe_file.recipe, num_blocks, report)
+    click.echo(surgery_plan.describe())
+    if output:
+        with staged_file(output, overwrite=overwrite) as staging:
+            surgery_plan.save(staging)
+        click.echo(f"plan written to {output}")
+
+
+@cli.command("prune")
+@click.argument("model")
+@click.option("--recipe", required=True, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="Calibrate on this JSONL first.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Use an existing calibration report.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_calibration_options
+@_device_options
+@_verbosity
+def prune_command(model: str, recipe: Path, data: Path | None, calibration: Path | None, output: Path,
+                  overwrite: bool, device: str, dtype: str, **kwargs: Any) -> None:
+    """Remove the blocks RECIPE selects from MODEL and write a verified HF checkpoint."""
+    from .pipeline import prune
+    from .recipe import load_recipe
+
+    result = prune(model, load_recipe(recipe), output, data=data, calibration=calibration, overwrite=overwrite,
+                   device=device, dtype=dtype, progress=_progress(), **_overrides(kwargs))
+    _report_prune(result)
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--model", help="Model folder or Hub id [recipe's `model:`].")
+@click.option("--data", type=click.Path(path_type=Path), help="Calibration JSONL [recipe's calibration.data].")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder for everything of the run.")
+@click.option("--overwrite", is_flag=True)
+@_calibration_options
+@_device_options
+@_verbosity
+def run_command(recipe: Path, model: str | None, data: Path | None, output: Path, overwrite: bool,
+                device: str, dtype: str, **kwargs: Any) -> None:
+    """Run the whole chain RECIPE describes: calibrate → plan → prune → export."""
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    result = run(load_recipe(recipe), output, model_ref=model, data=data, overwrite=overwrite,
+                 device=device, dtype=dtype, progress=_progress(), **_overrides(kwargs))
+    _report_prune(result)
+
+
+def _report_prune(result: Any) -> None:
+    click.echo(result.plan.describe())
+    e = result.export
+    click.echo(f"parameters: {e.params_before:,} -> {e.params_after:,} ({e.params_after / e.params_before:.1%})")
+    click.echo(f"wrote {e.path} (reloaded and verified: max |Δlogits| = {e.max_abs_diff:.2g})")
+
+
+@cli.command("demo")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("exports/demo"), show_default=True)
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe to apply [the recommended shipped one].")
+@click.option("--retrain", is_flag=True, help="Ignore the cached demo model and train again.")
+@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@_verbosity
+def demo_command(output: Path, recipe: Path | None, retrain: bool, overwrite: bool) -> None:
+    """Train (once, cached) a small LLaVA on generated shapes, prune it, compare accuracy."""
+    from .demo.run import run_demo
+
+    summary = run_demo(output, recipe=recipe, retrain=retrain, overwrite=overwrite, progress=_progress())
+    click.echo(summary.describe())
+
+
+@cli.group("arch")
+def arch_group() -> None:
+    """Supported model families."""
+
+
+@arch_group.command("list")
+@_verbosity
+def arch_list() -> None:
+    """Show the supported families and what each supports."""
+    from .architectures import ADAPTERS
+
+    header = ("family", "architectures", "blocks at", "block count", "modality split")
+    rows = [
+        (a.family, ", ".join(a.architectures), a.block_paths[0], a.count_path,
+         "image/text/all" if a.image_token_keys else "text/all")
+        for a in ADAPTERS
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map failures to exit codes (2 usage, 1 gate/bug)."""
+    try:
+        cli.main(args=argv, prog_name="compressor", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return 2
+    except CompressorError as error:
+        if _state["verbose"]:
+            log.exception("traceback:")
+        click.echo(f"error: {error}", err=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as error:  # a bug in compressor, not the user's input
+        if _state["verbose"]:
+            raise
+        click.echo(f"internal error: {type(error).__name__}: {error}\n(run again with -v for the traceback)", err=True)
+        return 1
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Calibration/evaluation samples: the JSONL format and turning samples into model inputs.
+
+One sample per line: ``{"image": "path relative to the file", "prompt": "...", "answer": "..."}``
+(``image`` optional, ``answer`` optional). Inputs are always built with the model's own
+processor or tokenizer, through its chat template when it has one: families differ in how
+image tokens are expanded (FACTS.md), and only the processor knows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    answer: str | None = None
+    image: Path | None = None
+
+
+@dataclass
+class Batch:
+    """Model inputs plus the positions of answer tokens (for answer-only losses)."""
+
+    inputs: dict[str, torch.Tensor]
+    answer_mask: torch.Tensor  # bool (B, T): tokens that belong to the answer
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.answer_mask.to(device))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_samples(path: Path | str, limit: int | None = None) -> list[Sample]:
+    """Read a JSONL data file; every malformed line is reported with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"Data file '{path}' does not exist.",
+            fix="pass a JSONL file with one {\"prompt\": ..., \"answer\": ..., \"image\": ...} per line.",
+        )
+    samples: list[Sample] = []
+    problems: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if limit is not None and len(samples) >= limit:
+                break
+            try:
+                samples.append(_parse_line(line, path.parent))
+            except ValueError as error:
+                problems.append(f"  line {number}: {error}")
+    if problems:
+        listed = "\n".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise InputError(
+            f"Data file '{path}' has {len(problems)} malformed line(s):\n{listed}",
+            fix="each line must be a JSON object with a string 'prompt', and optional string "
+            "'answer' and 'image' (a path relative to the data file).",
+        )
+    if not samples:
+        raise InputError(f"Data file '{path}' holds no samples.", fix="add at least one JSONL line.")
+    return samples
+
+
+def _parse_line(line: str, base: Path) -> Sample:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    unknown = set(record) - {"prompt", "answer", "image"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: prompt, answer, image")
+    prompt, answer, image = record.get("prompt"), record.get("answer"), record.get("image")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("'prompt' must be a non-empty string")
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError("'answer' must be a string")
+    image_path = None
+    if image is not None:
+        if not isinstance(image, str):
+            raise ValueError("'image' must be a path string")
+        image_path = (base / image).resolve()
+        if not image_path.is_file():
+            raise ValueError(f"image '{image}' not found (looked for {image_path})")
+    return Sample(prompt=prompt, answer=answer, image=image_path)
+
+
+def tokenizer_of(processor: Any) -> Any:
+    """The text tokenizer behind a processor (or the tokenizer itself for text models)."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def is_multimodal(processor: Any) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def format_prompt(processor: Any, sample: Sample, *, with_answer: bool) -> str:
+    """The text of one sample, through the chat template when the model has one."""
+    tokenizer = tokenizer_of(processor)
+    multimodal = is_multimodal(processor)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    answer = sample.answer if with_answer else None
+    if template:
+        if multimodal:
+            parts: list[dict[str, str]] = [{"type": "image"}] if sample.image else []
+            user: Any = [*parts, {"type": "text", "text": sample.prompt}]
+        else:
+            user = sample.prompt
+        messages = [{"role": "user", "content": user}]
+        if answer is not None:
+            reply: Any = [{"type": "text", "text": answer}] if multimodal else answer
+            messages.append({"role": "assistant", "content": reply})
+        return processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=answer is None
+        )
+    # No template: the plain layout most base models were trained on.
+    text = sample.prompt
+    if multimodal and sample.image:
+        text = f"{processor.image_token}\n{text}"
+    if answer is not None:
+        text = f"{text}\n{answer}{tokenizer.eos_token or ''}"
+    return text
+
+
+def build_batch(
+    processor: Any,
+    samples: list[Sample],
+    *,
+    with_answer: bool,
+    max_length: int | None = None,
+    padding_side: str = "right",
+) -> Batch:
+    """Tokenise ``samples`` (and their images) into one padded batch.
+
+    With ``with_answer`` the answer is part of the sequence and ``answer_mask`` marks it: the
+    prompt alone is tokenised too, and its length is where the answer starts.
+    """
+    tokenizer = tokenizer_of(processor)
+    tokenizer.padding_side = padding_side
+    full = _encode(processor, samples, with_answer=with_answer)
+    answer_mask = torch.zeros_like(full["input_ids"], dtype=torch.bool)
+    if with_answer and any(s.answer is not None for s in samples):
+        prompt_only = _encode(processor, samples, with_answer=False)
+        prompt_lengths = prompt_only["attention_mask"].sum(dim=1)
+        valid = full["attention_mask"].bool()
+        # Rank of each real token within its row: 0 for the first non-pad token.
+        rank = valid.long().cumsum(dim=1) - 1
+        answer_mask = valid & (rank >= prompt_lengths[:, None])
+    if max_length is not None and full["input_ids"].shape[1] > max_length:
+        full, answer_mask = _truncate(processor, full, answer_mask, max_length, padding_side)
+    return Batch(dict(full), answer_mask)
+
+
+def _encode(processor: Any, samples: list[Sample], *, with_answer: bool) -> dict[str, torch.Tensor]:
+    texts = [format_prompt(processor, s, with_answer=with_answer) for s in samples]
+    tokenizer = tokenizer_of(processor)
+    has_template = bool(
+        getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    )
+    # A chat template already writes the special tokens (BOS...) it wants.
+    kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "add_special_tokens": not has_template}
+    if is_multimodal(processor):
+        images = [_load_image(s.image) for s in samples if s.image is not None]
+        encoded = processor(images=images or None, text=texts, **kwargs)
+    else:
+        encoded = tokenizer(texts, **kwargs)
+    encoded.pop("token_type_ids", None)
+    return dict(encoded)
+
+
+def _load_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise InputError(f"Image '{path}' cannot be read ({error}).", fix="replace or remove it.") from None
+
+
+def _truncate(
+    processor: Any,
+    encoded: dict[str, torch.Tensor],
+    answer_mask: torch.Tensor,
+    max_length: int,
+    padding_side: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    window = slice(0, max_length) if padding_side == "right" else slice(-max_length, None)
+    image_token = getattr(processor, "image_token_id", None)
+    if image_token is not None:
+        before = (encoded["input_ids"] == image_token).sum()
+        after = (encoded["input_ids"][:, window] == image_token).sum()
+        if before != after:
+            raise InputError(
+                f"--max-length {max_length} cuts through image tokens "
+                f"(a sample needs {encoded['input_ids'].shape[1]} tokens).",
+                fix="raise --max-length (or the recipe's calibration.max_length).",
+            )
+    truncated = {
+        key: value[:, window] if value.dim() == 2 and value.shape == encoded["input_ids"].shape else value
+        for key, value in encoded.items()
+    }
+    return truncated, answer_mask[:, window]

@@ -1,0 +1,206 @@
+"""The chain calibrate → plan → prune → export, as library calls the CLI maps onto.
+
+`prune` writes one checkpoint folder; `run` writes everything of one recipe run under one
+folder (calibration.json, plan.json, hf/). Both check the output path before loading
+anything, and stage their output so that a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .calibrate import CalibrationOptions, CalibrationReport, calibrate
+from .data import Sample, file_sha256, load_samples
+from .errors import InputError, PlanError
+from .export import ExportResult, export_hf
+from .loading import LoadedModel, load_model
+from .planner import SurgeryPlan, plan
+from .recipe import Conditions, Lowest, Recipe, RecipeFile, Span
+from .staging import refuse_existing, staged_dir
+from .surgery import apply_plan, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    plan: SurgeryPlan
+    export: ExportResult
+    calibration: CalibrationReport | None
+
+
+def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationOptions:
+    """Built-in defaults < the recipe's `calibration:` < command-line overrides (non-None).
+
+    Whatever the recipe's selection reads (an epsilon, a span length) is always measured.
+    """
+    options = CalibrationOptions()
+    if recipe is not None:
+        c = recipe.calibration
+        options = CalibrationOptions(
+            num_samples=c.num_samples,
+            batch_size=c.batch_size,
+            max_length=c.max_length,
+            epsilons=tuple(c.epsilons),
+            max_span=c.max_span,
+        )
+    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    if recipe is not None:
+        select = recipe.select
+        needed = [c.epsilon for c in select.where] if isinstance(select, Conditions) else []
+        if isinstance(select, Lowest):
+            needed.append(select.epsilon)
+        extra = tuple(e for e in needed if e is not None and e not in options.epsilons)
+        options = replace(options, epsilons=options.epsilons + extra)
+        if isinstance(select, Span) and select.n > options.max_span:
+            options = replace(options, max_span=select.n)
+    return options
+
+
+def data_file(recipe_file: RecipeFile | None, data: Path | str | None) -> Path | None:
+    if data is not None:
+        return Path(data)
+    if recipe_file is not None and recipe_file.recipe.calibration.data:
+        return recipe_file.resolve(recipe_file.recipe.calibration.data)
+    return None
+
+
+def run_calibration(
+    loaded: LoadedModel, data: Path, options: CalibrationOptions, *, progress: bool = False
+) -> tuple[CalibrationReport, list[Sample]]:
+    samples = load_samples(data, limit=options.num_samples)
+    report = calibrate(
+        loaded.model,
+        loaded.processor,
+        loaded.adapter,
+        samples,
+        options=options,
+        model_ref=loaded.source.hub_id or loaded.source.ref,
+        data_info={"path": str(Path(data).resolve()), "sha256": file_sha256(Path(data))},
+        progress=progress,
+    )
+    return report, samples
+
+
+def _obtain_report(
+    loaded: LoadedModel,
+    recipe_file: RecipeFile,
+    *,
+    data: Path | None,
+    calibration: Path | str | None,
+    options: CalibrationOptions,
+    progress: bool,
+) -> tuple[CalibrationReport | None, list[Sample] | None]:
+    if calibration is not None or not recipe_file.recipe.needs_calibration:
+        report = CalibrationReport.load(calibration) if calibration is not None else None
+        # Samples, when given, still serve as the inputs of the export's reload check.
+        return report, load_samples(data, limit=options.num_samples) if data else None
+    if data is None:
+        raise PlanError(
+            f"Recipe '{recipe_file.path.name}' selects by metric ({recipe_file.recipe.select.op}) and needs calibration data.",
+            fix="pass --data FILE.jsonl, --calibration calibration.json, or set calibration.data in the recipe.",
+        )
+    return run_calibration(loaded, data, options, progress=progress)
+
+
+def prune(
+    model_ref: str,
+    recipe_file: RecipeFile,
+    out: Path | str,
+    *,
+    data: Path | str | None = None,
+    calibration: Path | str | None = None,
+    overwrite: bool = False,
+    device: str | None = "cpu",
+    dtype: str | None = "auto",
+    progress: bool = False,
+    **calibration_overrides: Any,
+) -> PruneResult:
+    """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``."""
+    refuse_existing(Path(out), overwrite)
+    if data is not None and calibration is not None:
+        raise InputError("Give either --data or --calibration, not both.", fix="drop one of them.")
+    data_path = data_file(recipe_file, data) if calibration is None else None
+    options = calibration_options(recipe_file.recipe, **calibration_overrides)
+    loaded = load_model(model_ref, device=device, dtype=dtype)
+    report, samples = _obtain_report(
+        loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress
+    )
+    return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite)
+
+
+def _prune_loaded(
+    loaded: LoadedModel,
+    recipe_file: RecipeFile,
+    out: Path | str,
+    *,
+    report: CalibrationReport | None,
+    samples: list[Sample] | None,
+    overwrite: bool,
+) -> PruneResult:
+    surgery_plan = plan(recipe_file.recipe, loaded.adapter.num_blocks(loaded.model.config), report)
+    log.info("%s", surgery_plan.describe())
+    if not surgery_plan.removed:
+        raise PlanError(
+            f"Recipe '{recipe_file.recipe.name}' selects no block on this model, so there is nothing to export.",
+            fix="loosen the thresholds in select (see `compressor plan` for the measured values).",
+        )
+    params_before = count_parameters(loaded.model)
+    apply_plan(loaded.model, surgery_plan, loaded.adapter)
+    exported = export_hf(
+        loaded.model,
+        loaded.processor,
+        loaded.adapter,
+        out,
+        plan=surgery_plan,
+        params_before=params_before,
+        source=loaded.source,
+        recipe_text=recipe_file.text,
+        calibration=report,
+        samples=samples,
+        overwrite=overwrite,
+    )
+    return PruneResult(plan=surgery_plan, export=exported, calibration=report)
+
+
+def run(
+    recipe_file: RecipeFile,
+    out: Path | str,
+    *,
+    model_ref: str | None = None,
+    data: Path | str | None = None,
+    overwrite: bool = False,
+    device: str | None = "cpu",
+    dtype: str | None = "auto",
+    progress: bool = False,
+    **calibration_overrides: Any,
+) -> PruneResult:
+    """The whole chain a recipe describes, everything of the run under ``out``.
+
+    Layout: ``out/calibration.json`` (when calibrated), ``out/plan.json``, ``out/hf/``.
+    """
+    model_ref = model_ref or recipe_file.recipe.model
+    if model_ref is None:
+        raise InputError(
+            f"No model given for recipe '{recipe_file.path.name}'.",
+            fix="pass --model (a folder or Hub id), or set `model:` in the recipe.",
+        )
+    refuse_existing(Path(out), overwrite)
+    options = calibration_options(recipe_file.recipe, **calibration_overrides)
+    data_path = data_file(recipe_file, data)
+    loaded = load_model(model_ref, device=device, dtype=dtype)
+    with staged_dir(out, overwrite=overwrite) as staging:
+        report, samples = _obtain_report(
+            loaded, recipe_file, data=data_path, calibration=None, options=options, progress=progress
+        )
+        if report is not None:
+            report.save(staging / "calibration.json")
+        result = _prune_loaded(loaded, recipe_file, staging / "hf", report=report, samples=samples, overwrite=False)
+        result.plan.save(staging / "plan.json")
+        (staging / "recipe.yaml").write_text(recipe_file.text)
+    final = Path(out).resolve() / "hf"
+    result.export = replace(result.export, path=final)
+    return result

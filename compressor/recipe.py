@@ -1,0 +1,292 @@
+"""Recipes: the strict YAML schema that says which blocks may go, and loading it.
+
+The schema is pydantic v2 with ``extra="forbid"`` everywhere and a discriminated union on
+``select.op``. Loading reports *every* problem at once, each with its location
+(``select.where[0].below``), and unknown keys or ops get a "did you mean" suggestion: a
+misspelt ``protect`` must never silently un-protect a block.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+Metric = Literal["block_influence", "tail_probability", "adjacent_distance", "angular_distance"]
+Modality = Literal["all", "text", "image"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Protect(_Strict):
+    """Blocks that are never removed: the first/last ``k`` and any listed indices."""
+
+    first: int = Field(0, ge=0)
+    last: int = Field(0, ge=0)
+    blocks: list[int] = Field(default_factory=list)
+
+
+class Budget(_Strict):
+    """An upper bound on how many blocks the selection may remove."""
+
+    max_blocks: int | None = Field(None, ge=1)
+    max_fraction: float | None = Field(None, gt=0, lt=1)
+
+
+class _Select(_Strict):
+    protect: Protect = Protect()
+    budget: Budget | None = None
+
+
+class _MetricRef(_Strict):
+    metric: Metric
+    modality: Modality = "all"
+    epsilon: float | None = Field(None, gt=0, description="threshold for tail_probability")
+
+    @model_validator(mode="after")
+    def _epsilon_matches_metric(self) -> Any:
+        if self.metric == "tail_probability" and self.epsilon is None:
+            raise ValueError("metric tail_probability needs an 'epsilon' (e.g. epsilon: 0.05)")
+        if self.metric != "tail_probability" and self.epsilon is not None:
+            raise ValueError(f"'epsilon' only applies to tail_probability, not {self.metric}")
+        return self
+
+
+class Explicit(_Select):
+    """Remove exactly these blocks (0-based, original numbering; negatives count from the end)."""
+
+    op: Literal["explicit"]
+    blocks: list[int] = Field(min_length=1)
+
+
+class Lowest(_Select, _MetricRef):
+    """Remove the ``count`` (or ``fraction``) of blocks with the lowest metric value (ShortGPT)."""
+
+    op: Literal["lowest"]
+    count: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _count_or_fraction(self) -> Any:
+        if (self.count is None) == (self.fraction is None):
+            raise ValueError("give exactly one of 'count' or 'fraction'")
+        return self
+
+
+class Condition(_MetricRef):
+    """One threshold: the metric value must be strictly ``below`` or ``above`` a number."""
+
+    below: float | None = None
+    above: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Any:
+        if (self.below is None) == (self.above is None):
+            raise ValueError("give exactly one of 'below' or 'above'")
+        return self
+
+    def holds(self, value: float) -> bool:
+        return value < self.below if self.below is not None else value > self.above  # type: ignore[operator]
+
+
+class Conditions(_Select):
+    """Remove every block for which all conditions hold (Skip-It style); a budget keeps the lowest."""
+
+    op: Literal["conditions"]
+    where: list[Condition] = Field(min_length=1)
+
+
+class Span(_Select):
+    """Remove the contiguous run of ``n`` blocks with the smallest angular distance (Gromov et al.)."""
+
+    op: Literal["span"]
+    n: int = Field(ge=1)
+    modality: Modality = "all"
+
+
+Selection = Annotated[Union[Explicit, Lowest, Conditions, Span], Field(discriminator="op")]
+OPS = ("explicit", "lowest", "conditions", "span")
+
+
+class CalibrationDefaults(_Strict):
+    """Calibration settings a recipe carries; command-line options override them."""
+
+    data: str | None = Field(None, description="JSONL file, relative to the recipe")
+    num_samples: int | None = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int | None = Field(512, ge=8)
+    epsilons: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1)
+    max_span: int = Field(4, ge=1)
+
+
+class ValidateThresholds(_Strict):
+    """Release gates used by `compressor validate` (the CLI's values win)."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    max_relative_drop: float | None = Field(None, ge=0, le=1)
+    min_speedup: float | None = Field(None, gt=0)
+
+
+class Recipe(_Strict):
+    version: Literal[1]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=96)
+    description: str | None = None
+    model: str | None = Field(None, description="default model folder or Hub id")
+    calibration: CalibrationDefaults = CalibrationDefaults()
+    select: Selection
+    thresholds: ValidateThresholds | None = Field(None, alias="validate")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.select.op != "explicit"
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """A validated recipe with the file it came from (its text is exported verbatim)."""
+
+    recipe: Recipe
+    path: Path
+    text: str
+
+    def resolve(self, relative: str) -> Path:
+        return (self.path.parent / relative).resolve()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_recipe(path: Path | str) -> RecipeFile:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe '{path}' does not exist.", fix="pass a YAML recipe file (see recipes/).")
+    text = path.read_text(encoding="utf-8")
+    return RecipeFile(recipe=parse_recipe(text, str(path)), path=path.resolve(), text=text)
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(f"{source}: not valid YAML{where}: {problem}.", fix="fix the YAML syntax.") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{source}: a recipe is a YAML mapping (version, name, select, ...), got {type(raw).__name__}.",
+            fix="start from one of the recipes in recipes/.",
+        )
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        problems = [_describe(e) for e in error.errors()]
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise RecipeError(
+            f"{source}: {len(problems)} problem(s):\n{listed}",
+            fix="correct the fields listed above (`compressor recipe check FILE` re-checks).",
+        ) from None
+
+
+# -- error messages ---------------------------------------------------------------------------
+
+
+def _describe(error: dict[str, Any]) -> str:
+    model, path = _walk(error["loc"])
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden" and model is not None:
+        key = str(error["loc"][-1])
+        allowed = _field_names(model)
+        return f"{path}: unknown key '{key}'{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+    if kind == "union_tag_invalid":
+        tag = str(error.get("ctx", {}).get("tag", ""))
+        return f"{path}.op: unknown op '{tag}'{_did_you_mean(tag, OPS)}; ops: {', '.join(OPS)}"
+    if kind == "union_tag_not_found":
+        return f"{path}: missing 'op' (one of: {', '.join(OPS)})"
+    if kind == "literal_error":
+        expected = [v.strip(" '") for v in str(error.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
+        given = str(error.get("input"))
+        return f"{path}: {message}{_did_you_mean(given, [e for e in expected if e])}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    return f"{path}: {message.removeprefix('Value error, ')}"
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:
+    """Follow an error location through the schema: the model it ends in, and a readable path.
+
+    Discriminated-union tags that pydantic inserts into locations are skipped in the path.
+    """
+    model: type[BaseModel] | None = Recipe
+    path = ""
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        fields = {info.alias or name: info for name, info in model.model_fields.items()} if model else {}
+        if part not in fields:
+            if model is not None and not parts:
+                break  # the last part is an unknown key of `model`
+            path += f".{part}" if path else str(part)
+            model = None
+            continue
+        path += f".{part}" if path else str(part)
+        candidates = _models_in(fields[part].annotation)
+        if len(candidates) > 1 and parts and isinstance(parts[0], str):
+            tag = parts.pop(0)
+            candidates = [c for c in candidates if _op_of(c) == tag] or candidates
+        model = candidates[0] if len(candidates) == 1 else None
+    return model, path or "(top level)"
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _op_of(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("op")
+    return typing.get_args(field.annotation)[0] if field else None
