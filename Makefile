@@ -1,0 +1,34 @@
+# Every target installs what it needs first: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-slow demo bench lint clean
+
+install: $(STAMP)
+
+# torch==2.13.0 is pinned in pyproject.toml: pip takes the local CPU wheel, not CUDA packages.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+demo: install
+	$(BIN)/compressor demo
+
+bench: install
+	$(BIN)/python -m compressor.bench
+
+lint: install
+	$(BIN)/ruff check compressor tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,121 @@
+"""Calibration: hook values match an independent computation, streaming is batch-invariant,
+hooks are always removed, and the report round-trips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compressor import metrics
+from compressor.calibrate import CalibrationOptions, CalibrationReport, calibrate, modality_masks
+from compressor.data import build_batch, load_samples
+from compressor.errors import InputError
+
+OPTIONS = CalibrationOptions(num_samples=None, batch_size=2, max_length=None, epsilons=(0.05, 0.5), max_span=3)
+
+
+def _hidden_states(model, batch):
+    """h_0..h_{L-1} (inputs of every block) from output_hidden_states, independent of hooks."""
+    with torch.no_grad():
+        out = model(**batch.inputs, output_hidden_states=True, use_cache=False)
+    return out.hidden_states
+
+
+def test_llama_metrics_match_hidden_states(tiny_models):
+    loaded = tiny_models["llama"].load()
+    model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
+    samples = load_samples(tiny_models["llama"].data)
+    report = calibrate(model, processor, adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=len(samples), max_length=None, epsilons=(0.5,), max_span=3))
+    batch = build_batch(processor, samples, with_answer=True)
+    hidden = _hidden_states(model, batch)
+    valid = batch.inputs["attention_mask"].bool()
+    # The last entry of hidden_states is after the final norm, so compare blocks 0..L-2.
+    for block in range(len(hidden) - 2):
+        d = metrics.block_influence(hidden[block], hidden[block + 1])
+        assert report.values("block_influence", "all")[block] == pytest.approx(d[valid].mean().item(), rel=1e-5)
+        assert report.values("tail_probability", "all", epsilon=0.5)[block] == pytest.approx((d[valid] > 0.5).float().mean().item())
+        adjacent = metrics.adjacent_distance(hidden[block + 1])[metrics.adjacent_pairs(valid)]
+        assert report.values("adjacent_distance", "all")[block] == pytest.approx(adjacent.mean().item(), rel=1e-5)
+    span = metrics.angular_distance(hidden[1], hidden[4])[valid].mean().item()
+    assert report.values("angular_distance", "all", span=3)[1] == pytest.approx(span, rel=1e-5)
+    assert len(report.values("angular_distance", "all", span=3)) == report.num_blocks - 2
+    # A text-only model has no image tokens: the image column is undefined, not zero.
+    assert all(v is None for v in report.values("block_influence", "image"))
+    assert report.values("block_influence", "text") == report.values("block_influence", "all")
+
+
+def test_streaming_is_independent_of_batching(tiny_models):
+    tiny = tiny_models["llava"]
+    loaded = tiny.load()
+    samples = load_samples(tiny.data)
+    one = calibrate(loaded.model, loaded.processor, loaded.adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=1, max_length=None))
+    many = calibrate(loaded.model, loaded.processor, loaded.adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=4, max_length=None))
+    for metric in ("block_influence", "adjacent_distance"):
+        for modality in ("all", "text", "image"):
+            assert one.values(metric, modality) == pytest.approx(many.values(metric, modality), rel=1e-4)
+    assert one.data["tokens"] == many.data["tokens"]
+
+
+def test_image_mask_marks_exactly_the_image_tokens(tiny_models):
+    tiny = tiny_models["llava"]
+    loaded = tiny.load()
+    samples = load_samples(tiny.data)[:2]
+    batch = build_batch(loaded.processor, samples, with_answer=True)
+    image_id = loaded.adapter.image_token_id(loaded.model.config)
+    masks = modality_masks(batch.inputs["input_ids"], batch.inputs["attention_mask"], image_id)
+    # 16x16 image, patch 4, "default" strategy: 16 image tokens per sample.
+    assert masks["image"].sum(dim=1).tolist() == [16, 16]
+    assert not (masks["image"] & masks["text"]).any()
+    assert torch.equal(masks["image"] | masks["text"], batch.inputs["attention_mask"].bool())
+
+
+def test_hooks_removed_and_mode_restored_even_on_error(tiny_models):
+    loaded = tiny_models["llama"].load()
+    model, adapter = loaded.model, loaded.adapter
+    model.train()
+    samples = load_samples(tiny_models["llama"].data)
+    report = calibrate(model, loaded.processor, adapter, samples, options=OPTIONS)
+    assert model.training, "training mode must come back after calibration"
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in adapter.blocks(model))
+    assert report.data["num_samples"] == len(samples)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    handle = adapter.blocks(model)[2].register_forward_hook(explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        calibrate(model, loaded.processor, adapter, samples, options=OPTIONS)
+    handle.remove()
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in adapter.blocks(model))
+
+
+def test_no_grad_and_no_cache_while_calibrating(tiny_models):
+    loaded = tiny_models["llama"].load()
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append((torch.is_grad_enabled(), kwargs.get("past_key_values"), kwargs.get("use_cache")))
+
+    block = loaded.adapter.blocks(loaded.model)[0]
+    handle = block.register_forward_pre_hook(spy, with_kwargs=True)
+    calibrate(loaded.model, loaded.processor, loaded.adapter, load_samples(tiny_models["llama"].data), options=OPTIONS)
+    handle.remove()
+    assert seen and all(grad is False and cache is None for grad, cache, _ in seen)
+
+
+def test_report_round_trip_and_corrupt_report(tiny_models, tmp_path):
+    loaded = tiny_models["llama"].load()
+    report = calibrate(loaded.model, loaded.processor, loaded.adapter, load_samples(tiny_models["llama"].data), options=OPTIONS)
+    path = tmp_path / "calibration.json"
+    report.save(path)
+    again = CalibrationReport.load(path)
+    assert again.values("block_influence", "all") == report.values("block_influence", "all")
+    assert again.values("tail_probability", "text", epsilon=0.05) == report.values("tail_probability", "text", epsilon=0.05)
+    assert all(not math.isnan(v) for v in again.values("angular_distance", "all", span=3))
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(InputError, match="not a compressor calibration report"):
+        CalibrationReport.load(tmp_path / "bad.json")
+    with pytest.raises(KeyError, match="epsilon 0.3 not measured"):
+        report.values("tail_probability", "all", epsilon=0.3)
