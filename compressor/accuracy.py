@@ -59,9 +59,7 @@ class AccuracyResult:
 
 
 @torch.no_grad()
-def generate_answers(
-    model: Any, processor: Any, samples: list[Sample], *, batch_size: int = 32, max_new_tokens: int = 8
-) -> list[str]:
+def generate_answers(model: Any, processor: Any, samples: list[Sample], *, batch_size: int = 32, max_new_tokens: int = 8) -> list[str]:
     """Greedy answers (decoded, special tokens dropped), one per sample, in order."""
     tokenizer = tokenizer_of(processor)
     device = next(model.parameters()).device
@@ -81,15 +79,11 @@ def generate_answers(
     return answers
 
 
-def answer_accuracy(
-    model: Any, processor: Any, samples: list[Sample], *, batch_size: int = 32, max_new_tokens: int = 8
-) -> AccuracyResult:
+def answer_accuracy(model: Any, processor: Any, samples: list[Sample], *, batch_size: int = 32, max_new_tokens: int = 8) -> AccuracyResult:
     labelled = [s for s in samples if s.answer is not None]
     if not labelled:
         raise ValueError("answer_accuracy needs samples with an 'answer'")
-    predictions = generate_answers(
-        model, processor, labelled, batch_size=batch_size, max_new_tokens=max_new_tokens
-    )
+    predictions = generate_answers(model, processor, labelled, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result = AccuracyResult()
     for sample, prediction in zip(labelled, predictions):
         expected, got = normalize_answer(sample.answer or ""), normalize_answer(prediction)

@@ -65,10 +65,8 @@ class Adapter:
             if isinstance(found, nn.ModuleList):
                 return path
         raise UnsupportedArchitectureError(
-            f"No decoder block list found on {type(model).__name__} "
-            f"(looked for {', '.join(self.block_paths)}).",
-            fix=f"this transformers version lays out '{self.family}' differently; "
-            "report it with `pip show transformers` output.",
+            f"No decoder block list found on {type(model).__name__} (looked for {', '.join(self.block_paths)}).",
+            fix=f"this transformers version lays out '{self.family}' differently; report it with `pip show transformers` output.",
         )
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:

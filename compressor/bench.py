@@ -48,8 +48,13 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -
 def build_model(hidden: int, layers: int, vocab: int, device: torch.device) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, max_position_embeddings=1024,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=1024,
     )
     model = LlamaForCausalLM(config)
     model.config.architectures = ["LlamaForCausalLM"]
@@ -78,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     data = samples(args.samples, args.words)
     options = CalibrationOptions(num_samples=None, batch_size=8, max_length=None)
     params = sum(p.numel() for p in model.parameters())
-    print(f"device: {label}; model: Llama {args.layers} blocks, hidden {args.hidden}, {params / 1e6:.1f} M params; "
-          f"{args.samples} samples x ~{args.words + 8} tokens; median of {args.repeats}")
+    print(
+        f"device: {label}; model: Llama {args.layers} blocks, hidden {args.hidden}, {params / 1e6:.1f} M params; "
+        f"{args.samples} samples x ~{args.words + 8} tokens; median of {args.repeats}"
+    )
 
     def plain() -> None:
         # Same work as calibration minus the hooks: tokenise the batch, run the forward.
@@ -95,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     t_cal = median_seconds(calibration, repeats=args.repeats)
 
     removed = list(range(args.layers // 2 - args.layers // 8, args.layers // 2 + args.layers // 8))
-    plan = SurgeryPlan(recipe="bench", op="explicit", num_blocks=args.layers,
-                       removed=tuple(RemovedBlock(index=i, reason="bench") for i in removed))
+    plan = SurgeryPlan(
+        recipe="bench", op="explicit", num_blocks=args.layers, removed=tuple(RemovedBlock(index=i, reason="bench") for i in removed)
+    )
     pruned = apply_plan(copy.deepcopy(model), plan, adapter)
     prompt = build_batch(tokenizer, data[:8], with_answer=False, padding_side="left").to(device).inputs
 
@@ -115,9 +123,21 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [
         ("calibration pass / plain forward", f"{t_cal:.3f} s / {t_plain:.3f} s", f"{t_cal / t_plain:.2f}x"),
-        (f"prefill, pruned ({len(removed)}/{args.layers} removed) / original", f"{t_pre_p * 1e3:.1f} ms / {t_pre_o * 1e3:.1f} ms", f"{t_pre_p / t_pre_o:.2f}x time"),
-        ("decode throughput, pruned / original", f"{tokens / t_dec_p:.0f} / {tokens / t_dec_o:.0f} tok/s", f"{t_dec_o / t_dec_p:.2f}x speed"),
-        ("ideal (blocks kept / blocks)", f"{args.layers - len(removed)}/{args.layers}", f"{(args.layers - len(removed)) / args.layers:.2f}x time"),
+        (
+            f"prefill, pruned ({len(removed)}/{args.layers} removed) / original",
+            f"{t_pre_p * 1e3:.1f} ms / {t_pre_o * 1e3:.1f} ms",
+            f"{t_pre_p / t_pre_o:.2f}x time",
+        ),
+        (
+            "decode throughput, pruned / original",
+            f"{tokens / t_dec_p:.0f} / {tokens / t_dec_o:.0f} tok/s",
+            f"{t_dec_o / t_dec_p:.2f}x speed",
+        ),
+        (
+            "ideal (blocks kept / blocks)",
+            f"{args.layers - len(removed)}/{args.layers}",
+            f"{(args.layers - len(removed)) / args.layers:.2f}x time",
+        ),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:

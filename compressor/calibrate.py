@@ -136,25 +136,15 @@ def attached(hooks: _MetricHooks, blocks: nn.ModuleList) -> Iterator[None]:
     handles = []
     try:
         for index, block in enumerate(blocks):
-            handles.append(
-                block.register_forward_pre_hook(
-                    lambda m, a, k, i=index: hooks.before(i, m, a, k), with_kwargs=True
-                )
-            )
-            handles.append(
-                block.register_forward_hook(
-                    lambda m, a, k, o, i=index: hooks.after(i, m, a, k, o), with_kwargs=True
-                )
-            )
+            handles.append(block.register_forward_pre_hook(lambda m, a, k, i=index: hooks.before(i, m, a, k), with_kwargs=True))
+            handles.append(block.register_forward_hook(lambda m, a, k, o, i=index: hooks.after(i, m, a, k, o), with_kwargs=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def modality_masks(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int | None
-) -> dict[str, torch.Tensor]:
+def modality_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int | None) -> dict[str, torch.Tensor]:
     valid = attention_mask.bool()
     image = valid & (input_ids == image_token_id) if image_token_id is not None else torch.zeros_like(valid)
     return {"all": valid, "text": valid & ~image, "image": image}
@@ -244,9 +234,11 @@ def calibrate(
     device = next(model.parameters()).device
     tokens = dict.fromkeys(MODALITIES, 0)
     started = time.perf_counter()
-    with calibration_context(model), attached(hooks, blocks), tqdm(
-        total=len(samples), unit="sample", desc="calibrate", disable=not progress
-    ) as bar:
+    with (
+        calibration_context(model),
+        attached(hooks, blocks),
+        tqdm(total=len(samples), unit="sample", desc="calibrate", disable=not progress) as bar,
+    ):
         for begin in range(0, len(samples), options.batch_size):
             chunk = samples[begin : begin + options.batch_size]
             batch = build_batch(processor, chunk, with_answer=True, max_length=options.max_length).to(device)

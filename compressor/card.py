@@ -71,10 +71,8 @@ def render_card(
     else:
         lines.append("- No calibration: the recipe lists the blocks explicitly.")
     lines += [
-        "- `recipe.yaml` is the recipe used; `plan.json` lists the removed blocks with the metric "
-        "values that chose them.",
-        "- The exported weights were reloaded and their logits compared with the in-memory pruned "
-        "model before this folder was written.",
+        "- `recipe.yaml` is the recipe used; `plan.json` lists the removed blocks with the metric values that chose them.",
+        "- The exported weights were reloaded and their logits compared with the in-memory pruned model before this folder was written.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
         "",
         "## Limitations",

@@ -49,10 +49,18 @@ def _configure_logging() -> None:
 
 def _verbosity(command: Any) -> Any:
     """-v / --quiet on the group and on every command, wherever the user types them."""
-    command = click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
-                           callback=_set_verbose, help="Debug logging and tracebacks.")(command)
-    return click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True,
-                        callback=_set_quiet, help="Only warnings and errors; no progress bars.")(command)
+    command = click.option(
+        "-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_set_verbose, help="Debug logging and tracebacks."
+    )(command)
+    return click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_quiet,
+        help="Only warnings and errors; no progress bars.",
+    )(command)
 
 
 def _progress() -> bool:
@@ -61,19 +69,27 @@ def _progress() -> bool:
 
 def _device_options(command: Any) -> Any:
     command = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(command)
-    return click.option("--dtype", default="auto", show_default=True,
-                        type=click.Choice(["auto", "float32", "float16", "bfloat16"]))(command)
+    return click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))(
+        command
+    )
 
 
 def _calibration_options(command: Any) -> Any:
-    for option in reversed([
-        click.option("--num-samples", type=click.IntRange(min=1), help="Samples to use [recipe or 128]."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Samples per forward pass [recipe or 8]."),
-        click.option("--max-length", type=click.IntRange(min=8), help="Token limit per sample [recipe or 512]."),
-        click.option("--epsilon", "epsilons", type=click.FloatRange(min=0, min_open=True), multiple=True,
-                     help="Tail-probability threshold; repeat for several [0.01 0.02 0.05 0.1]."),
-        click.option("--max-span", type=click.IntRange(min=1), help="Longest block span for angular distance [4]."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--num-samples", type=click.IntRange(min=1), help="Samples to use [recipe or 128]."),
+            click.option("--batch-size", type=click.IntRange(min=1), help="Samples per forward pass [recipe or 8]."),
+            click.option("--max-length", type=click.IntRange(min=8), help="Token limit per sample [recipe or 512]."),
+            click.option(
+                "--epsilon",
+                "epsilons",
+                type=click.FloatRange(min=0, min_open=True),
+                multiple=True,
+                help="Tail-probability threshold; repeat for several [0.01 0.02 0.05 0.1].",
+            ),
+            click.option("--max-span", type=click.IntRange(min=1), help="Longest block span for angular distance [4]."),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -101,8 +117,9 @@ def cli() -> None:
 @_calibration_options
 @_device_options
 @_verbosity
-def calibrate_command(model: str, data: Path, output: Path, recipe: Path | None, overwrite: bool,
-                      device: str, dtype: str, **kwargs: Any) -> None:
+def calibrate_command(
+    model: str, data: Path, output: Path, recipe: Path | None, overwrite: bool, device: str, dtype: str, **kwargs: Any
+) -> None:
     """Measure per-block redundancy of MODEL (folder or Hub id) on a data file."""
     from .loading import load_model
     from .pipeline import calibration_options, run_calibration
@@ -115,8 +132,7 @@ def calibrate_command(model: str, data: Path, output: Path, recipe: Path | None,
     report, _ = run_calibration(loaded, data, options, progress=_progress())
     with staged_file(output, overwrite=overwrite) as staging:
         report.save(staging)
-    click.echo(f"calibrated {report.num_blocks} blocks on {report.data['num_samples']} samples "
-               f"in {report.elapsed_s:.2f}s -> {output}")
+    click.echo(f"calibrated {report.num_blocks} blocks on {report.data['num_samples']} samples in {report.elapsed_s:.2f}s -> {output}")
 
 
 @cli.group("recipe")
@@ -172,8 +188,10 @@ def plan_command(recipe: Path, calibration: Path | None, model: str | None, outp
         config = load_config(resolve_model_ref(model).path)
         num_blocks = adapter_for_config(config).num_blocks(config)
     else:
-        raise InputError("`compressor plan` needs --calibration (or --model for an explicit recipe).",
-                         fix="run `compressor calibrate MODEL --data D -o calibration.json` first.")
+        raise InputError(
+            "`compressor plan` needs --calibration (or --model for an explicit recipe).",
+            fix="run `compressor calibrate MODEL --data D -o calibration.json` first.",
+        )
     surgery_plan = plan(recipe_file.recipe, num_blocks, report)
     click.echo(surgery_plan.describe())
     if output:
@@ -192,14 +210,33 @@ def plan_command(recipe: Path, calibration: Path | None, model: str | None, outp
 @_calibration_options
 @_device_options
 @_verbosity
-def prune_command(model: str, recipe: Path, data: Path | None, calibration: Path | None, output: Path,
-                  overwrite: bool, device: str, dtype: str, **kwargs: Any) -> None:
+def prune_command(
+    model: str,
+    recipe: Path,
+    data: Path | None,
+    calibration: Path | None,
+    output: Path,
+    overwrite: bool,
+    device: str,
+    dtype: str,
+    **kwargs: Any,
+) -> None:
     """Remove the blocks RECIPE selects from MODEL and write a verified HF checkpoint."""
     from .pipeline import prune
     from .recipe import load_recipe
 
-    result = prune(model, load_recipe(recipe), output, data=data, calibration=calibration, overwrite=overwrite,
-                   device=device, dtype=dtype, progress=_progress(), **_overrides(kwargs))
+    result = prune(
+        model,
+        load_recipe(recipe),
+        output,
+        data=data,
+        calibration=calibration,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        progress=_progress(),
+        **_overrides(kwargs),
+    )
     _report_prune(result)
 
 
@@ -212,14 +249,24 @@ def prune_command(model: str, recipe: Path, data: Path | None, calibration: Path
 @_calibration_options
 @_device_options
 @_verbosity
-def run_command(recipe: Path, model: str | None, data: Path | None, output: Path, overwrite: bool,
-                device: str, dtype: str, **kwargs: Any) -> None:
+def run_command(
+    recipe: Path, model: str | None, data: Path | None, output: Path, overwrite: bool, device: str, dtype: str, **kwargs: Any
+) -> None:
     """Run the whole chain RECIPE describes: calibrate → plan → prune → export."""
     from .pipeline import run
     from .recipe import load_recipe
 
-    result = run(load_recipe(recipe), output, model_ref=model, data=data, overwrite=overwrite,
-                 device=device, dtype=dtype, progress=_progress(), **_overrides(kwargs))
+    result = run(
+        load_recipe(recipe),
+        output,
+        model_ref=model,
+        data=data,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        progress=_progress(),
+        **_overrides(kwargs),
+    )
     _report_prune(result)
 
 
@@ -257,8 +304,7 @@ def arch_list() -> None:
 
     header = ("family", "architectures", "blocks at", "block count", "modality split")
     rows = [
-        (a.family, ", ".join(a.architectures), a.block_paths[0], a.count_path,
-         "image/text/all" if a.image_token_keys else "text/all")
+        (a.family, ", ".join(a.architectures), a.block_paths[0], a.count_path, "image/text/all" if a.image_token_keys else "text/all")
         for a in ADAPTERS
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

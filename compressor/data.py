@@ -51,7 +51,7 @@ def load_samples(path: Path | str, limit: int | None = None) -> list[Sample]:
     if not path.is_file():
         raise InputError(
             f"Data file '{path}' does not exist.",
-            fix="pass a JSONL file with one {\"prompt\": ..., \"answer\": ..., \"image\": ...} per line.",
+            fix='pass a JSONL file with one {"prompt": ..., "answer": ..., "image": ...} per line.',
         )
     samples: list[Sample] = []
     problems: list[str] = []
@@ -127,9 +127,7 @@ def format_prompt(processor: Any, sample: Sample, *, with_answer: bool) -> str:
         if answer is not None:
             reply: Any = [{"type": "text", "text": answer}] if multimodal else answer
             messages.append({"role": "assistant", "content": reply})
-        return processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=answer is None
-        )
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
     # No template: the plain layout most base models were trained on.
     text = sample.prompt
     if multimodal and sample.image:
@@ -171,9 +169,7 @@ def build_batch(
 def _encode(processor: Any, samples: list[Sample], *, with_answer: bool) -> dict[str, torch.Tensor]:
     texts = [format_prompt(processor, s, with_answer=with_answer) for s in samples]
     tokenizer = tokenizer_of(processor)
-    has_template = bool(
-        getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    )
+    has_template = bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
     # A chat template already writes the special tokens (BOS...) it wants.
     kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "add_special_tokens": not has_template}
     if is_multimodal(processor):
@@ -209,12 +205,10 @@ def _truncate(
         after = (encoded["input_ids"][:, window] == image_token).sum()
         if before != after:
             raise InputError(
-                f"--max-length {max_length} cuts through image tokens "
-                f"(a sample needs {encoded['input_ids'].shape[1]} tokens).",
+                f"--max-length {max_length} cuts through image tokens (a sample needs {encoded['input_ids'].shape[1]} tokens).",
                 fix="raise --max-length (or the recipe's calibration.max_length).",
             )
     truncated = {
-        key: value[:, window] if value.dim() == 2 and value.shape == encoded["input_ids"].shape else value
-        for key, value in encoded.items()
+        key: value[:, window] if value.dim() == 2 and value.shape == encoded["input_ids"].shape else value for key, value in encoded.items()
     }
     return truncated, answer_mask[:, window]

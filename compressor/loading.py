@@ -91,9 +91,7 @@ def load_processor(path: Path, adapter: Adapter) -> Any:
         ) from None
 
 
-def load_model(
-    ref: str | ModelSource, *, device: str | None = "cpu", dtype: str | None = "auto"
-) -> LoadedModel:
+def load_model(ref: str | ModelSource, *, device: str | None = "cpu", dtype: str | None = "auto") -> LoadedModel:
     """Resolve ``ref``, check its files, and load model + processor in eval mode."""
     source = ref if isinstance(ref, ModelSource) else resolve_model_ref(ref)
     config = load_config(source.path)

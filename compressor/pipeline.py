@@ -126,9 +126,7 @@ def prune(
     data_path = data_file(recipe_file, data) if calibration is None else None
     options = calibration_options(recipe_file.recipe, **calibration_overrides)
     loaded = load_model(model_ref, device=device, dtype=dtype)
-    report, samples = _obtain_report(
-        loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress
-    )
+    report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
     return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite)
 
 
@@ -193,9 +191,7 @@ def run(
     data_path = data_file(recipe_file, data)
     loaded = load_model(model_ref, device=device, dtype=dtype)
     with staged_dir(out, overwrite=overwrite) as staging:
-        report, samples = _obtain_report(
-            loaded, recipe_file, data=data_path, calibration=None, options=options, progress=progress
-        )
+        report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=None, options=options, progress=progress)
         if report is not None:
             report.save(staging / "calibration.json")
         result = _prune_loaded(loaded, recipe_file, staging / "hf", report=report, samples=samples, overwrite=False)

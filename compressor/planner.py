@@ -131,9 +131,7 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
             f"Recipe '{recipe.name}' would remove all {num_blocks} blocks.",
             fix="keep at least one block: lower the count/fraction, or add select.protect.",
         )
-    removed = tuple(
-        RemovedBlock(index=i, reason=reasons[i], metrics=_block_metrics(report, select, i)) for i in sorted(chosen)
-    )
+    removed = tuple(RemovedBlock(index=i, reason=reasons[i], metrics=_block_metrics(report, select, i)) for i in sorted(chosen))
     calibration = None
     if report is not None:
         calibration = {"model": report.model.get("ref"), "data": report.data.get("path"), "sha256": report.data.get("sha256")}
@@ -238,8 +236,7 @@ def _conditions(select: Conditions, protected: set[int], budget: int, report: An
     qualified = [
         i
         for i in range(report.num_blocks)
-        if i not in protected
-        and all(t[i] is not None and c.holds(t[i]) for c, t in zip(select.where, tables))
+        if i not in protected and all(t[i] is not None and c.holds(t[i]) for c, t in zip(select.where, tables))
     ]
     # Over budget: keep the blocks that satisfy the first condition by the widest margin.
     ranked = sorted(qualified, key=lambda i: tables[0][i])
@@ -267,10 +264,7 @@ def _span(select: Span, num_blocks: int, protected: set[int], budget: int, repor
     if n > budget:
         raise PlanError(f"select.n = {n} exceeds the removal budget of {budget} block(s).", fix="lower n or raise the budget.")
     values = _values(report, "angular_distance", select.modality, span=n)
-    starts = [
-        s for s in range(num_blocks - n + 1)
-        if values[s] is not None and not protected.intersection(range(s, s + n))
-    ]
+    starts = [s for s in range(num_blocks - n + 1) if values[s] is not None and not protected.intersection(range(s, s + n))]
     if not starts:
         raise PlanError(
             f"No run of {n} consecutive unprotected blocks exists.",

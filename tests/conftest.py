@@ -72,8 +72,12 @@ def build_tiny(family: str, layers: int = 6, seed: int = 0):
         processor = build_llava_processor(tokenizer, image_size=16, patch_size=4)
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(
-                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                image_size=16, patch_size=4,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
             ),
             text_config=LlamaConfig(**_text_kwargs(tokenizer, layers)),
             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
@@ -89,9 +93,7 @@ def build_tiny(family: str, layers: int = 6, seed: int = 0):
         processor, model = tokenizer, MistralForCausalLM(config)
     elif family == "qwen2":
         # First 2 blocks full attention, the rest sliding: layer_types mixes both kinds.
-        config = Qwen2Config(
-            **_text_kwargs(tokenizer, layers), use_sliding_window=True, sliding_window=6, max_window_layers=2
-        )
+        config = Qwen2Config(**_text_kwargs(tokenizer, layers), use_sliding_window=True, sliding_window=6, max_window_layers=2)
         processor, model = tokenizer, Qwen2ForCausalLM(config)
     else:
         raise ValueError(family)

@@ -27,7 +27,13 @@ def test_llama_metrics_match_hidden_states(tiny_models):
     loaded = tiny_models["llama"].load()
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     samples = load_samples(tiny_models["llama"].data)
-    report = calibrate(model, processor, adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=len(samples), max_length=None, epsilons=(0.5,), max_span=3))
+    report = calibrate(
+        model,
+        processor,
+        adapter,
+        samples,
+        options=CalibrationOptions(num_samples=None, batch_size=len(samples), max_length=None, epsilons=(0.5,), max_span=3),
+    )
     batch = build_batch(processor, samples, with_answer=True)
     hidden = _hidden_states(model, batch)
     valid = batch.inputs["attention_mask"].bool()
@@ -50,8 +56,12 @@ def test_streaming_is_independent_of_batching(tiny_models):
     tiny = tiny_models["llava"]
     loaded = tiny.load()
     samples = load_samples(tiny.data)
-    one = calibrate(loaded.model, loaded.processor, loaded.adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=1, max_length=None))
-    many = calibrate(loaded.model, loaded.processor, loaded.adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=4, max_length=None))
+    one = calibrate(
+        loaded.model, loaded.processor, loaded.adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=1, max_length=None)
+    )
+    many = calibrate(
+        loaded.model, loaded.processor, loaded.adapter, samples, options=CalibrationOptions(num_samples=None, batch_size=4, max_length=None)
+    )
     for metric in ("block_influence", "adjacent_distance"):
         for modality in ("all", "text", "image"):
             assert one.values(metric, modality) == pytest.approx(many.values(metric, modality), rel=1e-4)

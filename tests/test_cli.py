@@ -114,21 +114,23 @@ def expect_usage_error(capsys, args, message: str, tmp_path: Path, output: Path 
 
 def test_missing_model_path(tmp_path, tiny_models, capsys):
     out = tmp_path / "o.json"
-    expect_usage_error(capsys, ["calibrate", tmp_path / "nope", "--data", tiny_models["llama"].data, "-o", out],
-                       "does not exist", tmp_path, out)
+    expect_usage_error(
+        capsys, ["calibrate", tmp_path / "nope", "--data", tiny_models["llama"].data, "-o", out], "does not exist", tmp_path, out
+    )
 
 
 def test_malformed_yaml(tmp_path, tiny_models, capsys):
     bad = write(tmp_path / "bad.yaml", "version: 1\nselect: {op: explicit, blocks: [1\n")
     out = tmp_path / "out"
-    expect_usage_error(capsys, ["prune", tiny_models["llama"].path, "--recipe", bad, "-o", out],
-                       "not valid YAML at line", tmp_path, out)
+    expect_usage_error(capsys, ["prune", tiny_models["llama"].path, "--recipe", bad, "-o", out], "not valid YAML at line", tmp_path, out)
     expect_usage_error(capsys, ["recipe", "check", bad], "bad.yaml", tmp_path)
 
 
 def test_unknown_key_and_op(tmp_path, tiny_models, capsys):
     bad = write(tmp_path / "bad.yaml", "version: 1\nname: t\nselect: {op: explicit, block: [1]}\n")
-    err = expect_usage_error(capsys, ["recipe", "check", RECIPES / "explicit.yaml", bad], "unknown key 'block' (did you mean 'blocks'?)", tmp_path)
+    err = expect_usage_error(
+        capsys, ["recipe", "check", RECIPES / "explicit.yaml", bad], "unknown key 'block' (did you mean 'blocks'?)", tmp_path
+    )
     assert "select.blocks: required field is missing" in err
     bad_op = write(tmp_path / "op.yaml", "version: 1\nname: t\nselect: {op: span_of, n: 1}\n")
     out = tmp_path / "out"
@@ -138,15 +140,21 @@ def test_unknown_key_and_op(tmp_path, tiny_models, capsys):
 def test_block_index_out_of_range(tmp_path, tiny_models, capsys):
     recipe = write(tmp_path / "r.yaml", "version: 1\nname: t\nselect: {op: explicit, blocks: [1, 6]}\n")
     out = tmp_path / "out"
-    expect_usage_error(capsys, ["prune", tiny_models["llama"].path, "--recipe", recipe, "-o", out],
-                       "select.blocks: block 6 is out of range for a model with 6 blocks", tmp_path, out)
+    expect_usage_error(
+        capsys,
+        ["prune", tiny_models["llama"].path, "--recipe", recipe, "-o", out],
+        "select.blocks: block 6 is out of range for a model with 6 blocks",
+        tmp_path,
+        out,
+    )
 
 
 def test_removing_every_block(tmp_path, tiny_models, capsys):
     recipe = write(tmp_path / "r.yaml", "version: 1\nname: t\nselect: {op: explicit, blocks: [0, 1, 2, 3, 4, 5]}\n")
     out = tmp_path / "out"
-    expect_usage_error(capsys, ["prune", tiny_models["llama"].path, "--recipe", recipe, "-o", out],
-                       "would remove all 6 blocks", tmp_path, out)
+    expect_usage_error(
+        capsys, ["prune", tiny_models["llama"].path, "--recipe", recipe, "-o", out], "would remove all 6 blocks", tmp_path, out
+    )
 
 
 def test_corrupt_safetensors(tmp_path, tiny_models, capsys):
@@ -155,8 +163,13 @@ def test_corrupt_safetensors(tmp_path, tiny_models, capsys):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     out = tmp_path / "out"
-    expect_usage_error(capsys, ["prune", broken, "--recipe", RECIPES / "explicit.yaml", "-o", out],
-                       f"Checkpoint file '{weights}' is corrupt or truncated", tmp_path, out)
+    expect_usage_error(
+        capsys,
+        ["prune", broken, "--recipe", RECIPES / "explicit.yaml", "-o", out],
+        f"Checkpoint file '{weights}' is corrupt or truncated",
+        tmp_path,
+        out,
+    )
 
 
 def test_unsupported_architecture(tmp_path, tiny_models, capsys):
@@ -164,8 +177,13 @@ def test_unsupported_architecture(tmp_path, tiny_models, capsys):
     other.mkdir()
     write(other / "config.json", json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
     out = tmp_path / "out"
-    err = expect_usage_error(capsys, ["prune", other, "--recipe", RECIPES / "explicit.yaml", "-o", out],
-                             "Architecture GPT2LMHeadModel is not supported", tmp_path, out)
+    err = expect_usage_error(
+        capsys,
+        ["prune", other, "--recipe", RECIPES / "explicit.yaml", "-o", out],
+        "Architecture GPT2LMHeadModel is not supported",
+        tmp_path,
+        out,
+    )
     assert "llava (LlavaForConditionalGeneration)" in err and "qwen2" in err
 
 
@@ -184,15 +202,21 @@ def test_existing_output_folder_is_kept(tmp_path, tiny_models, capsys):
 
 def test_metric_recipe_without_data(tmp_path, tiny_models, capsys):
     out = tmp_path / "out"
-    expect_usage_error(capsys, ["prune", tiny_models["llama"].path, "--recipe", RECIPES / "shortgpt.yaml", "-o", out],
-                       "needs calibration data", tmp_path, out)
+    expect_usage_error(
+        capsys,
+        ["prune", tiny_models["llama"].path, "--recipe", RECIPES / "shortgpt.yaml", "-o", out],
+        "needs calibration data",
+        tmp_path,
+        out,
+    )
 
 
 def test_malformed_data_lines(tmp_path, tiny_models, capsys):
     data = write(tmp_path / "d.jsonl", '{"prompt": "hi"}\nnot json\n{"prompt": 3}\n{"prompt": "x", "image": "missing.png"}\n')
     out = tmp_path / "c.json"
-    err = expect_usage_error(capsys, ["calibrate", tiny_models["llama"].path, "--data", data, "-o", out],
-                             "3 malformed line(s)", tmp_path, out)
+    err = expect_usage_error(
+        capsys, ["calibrate", tiny_models["llama"].path, "--data", data, "-o", out], "3 malformed line(s)", tmp_path, out
+    )
     assert "line 2: not valid JSON" in err and "line 3: 'prompt' must be" in err and "line 4: image 'missing.png' not found" in err
 
 
@@ -203,8 +227,13 @@ def test_calibration_of_another_model(tmp_path, tiny_models, capsys):
     data["model"]["num_blocks"] = 8
     report.write_text(json.dumps(data))
     out = tmp_path / "out"
-    expect_usage_error(capsys, ["prune", tiny_models["llama"].path, "--recipe", RECIPES / "shortgpt.yaml", "--calibration", report, "-o", out],
-                       "measured 8 blocks but the model has 6", tmp_path, out)
+    expect_usage_error(
+        capsys,
+        ["prune", tiny_models["llama"].path, "--recipe", RECIPES / "shortgpt.yaml", "--calibration", report, "-o", out],
+        "measured 8 blocks but the model has 6",
+        tmp_path,
+        out,
+    )
 
 
 def test_failed_verification_leaves_nothing(tmp_path, tiny_models, capsys, monkeypatch):
@@ -223,8 +252,20 @@ def test_failed_verification_leaves_nothing(tmp_path, tiny_models, capsys, monke
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "compressor", "prune", str(tmp_path / "missing"), "--recipe", str(RECIPES / "explicit.yaml"), "-o", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "compressor",
+            "prune",
+            str(tmp_path / "missing"),
+            "--recipe",
+            str(RECIPES / "explicit.yaml"),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -17,7 +17,9 @@ from compressor.hub import resolve_model_ref
 def test_answer_mask_marks_answer_and_end_of_turn(tiny_models):
     loaded = tiny_models["llava"].load()
     tokenizer = loaded.processor.tokenizer
-    samples = [Sample(prompt="how many shapes?", answer="one two three", image=s.image) for s in load_samples(tiny_models["llava"].data)[:1]]
+    samples = [
+        Sample(prompt="how many shapes?", answer="one two three", image=s.image) for s in load_samples(tiny_models["llava"].data)[:1]
+    ]
     samples.append(Sample(prompt="what color is the circle?", answer="red", image=samples[0].image))
     for side in ("right", "left"):
         batch = build_batch(loaded.processor, samples, with_answer=True, padding_side=side)
@@ -59,8 +61,12 @@ def test_answer_accuracy_scores_exact_and_contains():
     tokenizer = build_tokenizer(["red", "blue", "square", "circle"])
     ids = tokenizer.convert_tokens_to_ids
     pad = tokenizer.pad_token_id
-    samples = [Sample(prompt="what color?", answer="red"), Sample(prompt="what color?", answer="Blue"),
-               Sample(prompt="what shape?", answer="square"), Sample(prompt="what shape?", answer="circle")]
+    samples = [
+        Sample(prompt="what color?", answer="red"),
+        Sample(prompt="what color?", answer="Blue"),
+        Sample(prompt="what shape?", answer="square"),
+        Sample(prompt="what shape?", answer="circle"),
+    ]
     replies = [[ids("red"), pad], [ids("blue"), tokenizer.eos_token_id], [ids("red"), ids("square")], [ids("square"), pad]]
     result = answer_accuracy(_ScriptedModel(replies), tokenizer, samples, batch_size=3, max_new_tokens=2)
     assert [r.exact for r in result.records] == [True, True, False, False]

@@ -23,7 +23,9 @@ from .conftest import build_tiny
 
 def make_plan(removed: list[int], num_blocks: int = 6) -> SurgeryPlan:
     return SurgeryPlan(
-        recipe="test", op="explicit", num_blocks=num_blocks,
+        recipe="test",
+        op="explicit",
+        num_blocks=num_blocks,
         removed=tuple(RemovedBlock(index=i, reason="test") for i in removed),
     )
 
@@ -108,11 +110,15 @@ def test_export_reloads_clean_and_identical(tiny, tmp_path):
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     before = count_parameters(model)
     plan = make_plan([1, 3])
-    apply_plan(model, plan, adapter)
     samples = load_samples(tiny.data)[:2]
+    batch = build_batch(processor, samples, with_answer=True)
+    with torch.no_grad(), skip_blocks(model, adapter, [1, 3]):
+        reference = model(**batch.inputs, use_cache=False).logits
+    apply_plan(model, plan, adapter)
     out = tmp_path / "pruned"
-    result = export_hf(model, processor, adapter, out, plan=plan, params_before=before,
-                       source=loaded.source, recipe_text="version: 1\n", samples=samples)
+    result = export_hf(
+        model, processor, adapter, out, plan=plan, params_before=before, source=loaded.source, recipe_text="version: 1\n", samples=samples
+    )
     assert result.max_abs_diff == 0.0
     assert result.params_after < before
     names = {p.name for p in out.iterdir()}
@@ -120,9 +126,8 @@ def test_export_reloads_clean_and_identical(tiny, tmp_path):
     assert not list(tmp_path.glob(".pruned.tmp-*")), "staging folder left behind"
     reloaded, info = type(model).from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    batch = build_batch(processor, samples, with_answer=True)
     with torch.no_grad():
-        assert torch.equal(model(**batch.inputs).logits, reloaded.eval()(**batch.inputs).logits)
+        assert torch.equal(reference, reloaded.eval()(**batch.inputs).logits)
     assert adapter.num_blocks(reloaded.config) == 4
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "depth-pruning" in card and "| 1 |" in card and "| 3 |" in card

@@ -56,9 +56,7 @@ def build_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_llava_processor(
-    tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int
-) -> LlavaProcessor:
+def build_llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int) -> LlavaProcessor:
     """A LlavaProcessor whose image size and patch size match a small CLIP vision tower."""
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
