@@ -207,6 +207,7 @@ def plan_command(recipe: Path, calibration: Path | None, model: str | None, outp
 @click.option("--calibration", type=click.Path(path_type=Path), help="Use an existing calibration report.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (calibrating if needed) and write nothing.")
 @_calibration_options
 @_device_options
 @_verbosity
@@ -217,6 +218,7 @@ def prune_command(
     calibration: Path | None,
     output: Path,
     overwrite: bool,
+    dry_run: bool,
     device: str,
     dtype: str,
     **kwargs: Any,
@@ -235,6 +237,7 @@ def prune_command(
         device=device,
         dtype=dtype,
         progress=_progress(),
+        dry_run=dry_run,
         **_overrides(kwargs),
     )
     _report_prune(result)
@@ -273,6 +276,9 @@ def run_command(
 def _report_prune(result: Any) -> None:
     click.echo(result.plan.describe())
     e = result.export
+    if e is None:
+        click.echo("dry run: nothing written")
+        return
     click.echo(f"parameters: {e.params_before:,} -> {e.params_after:,} ({e.params_after / e.params_before:.1%})")
     click.echo(f"wrote {e.path} (reloaded and verified: max |Δlogits| = {e.max_abs_diff:.2g})")
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PruneResult:
     plan: SurgeryPlan
-    export: ExportResult
+    export: ExportResult | None  # None for a dry run
     calibration: CalibrationReport | None
 
 
@@ -117,17 +117,22 @@ def prune(
     device: str | None = "cpu",
     dtype: str | None = "auto",
     progress: bool = False,
+    dry_run: bool = False,
     **calibration_overrides: Any,
 ) -> PruneResult:
-    """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``."""
-    refuse_existing(Path(out), overwrite)
+    """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``.
+
+    With ``dry_run`` it stops after planning: nothing is written.
+    """
+    if not dry_run:
+        refuse_existing(Path(out), overwrite)
     if data is not None and calibration is not None:
         raise InputError("Give either --data or --calibration, not both.", fix="drop one of them.")
     data_path = data_file(recipe_file, data) if calibration is None else None
     options = calibration_options(recipe_file.recipe, **calibration_overrides)
     loaded = load_model(model_ref, device=device, dtype=dtype)
     report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
-    return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite)
+    return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run)
 
 
 def _prune_loaded(
@@ -138,9 +143,12 @@ def _prune_loaded(
     report: CalibrationReport | None,
     samples: list[Sample] | None,
     overwrite: bool,
+    dry_run: bool = False,
 ) -> PruneResult:
     surgery_plan = plan(recipe_file.recipe, loaded.adapter.num_blocks(loaded.model.config), report)
-    log.info("%s", surgery_plan.describe())
+    log.debug("%s", surgery_plan.describe())
+    if dry_run:
+        return PruneResult(plan=surgery_plan, export=None, calibration=report)
     if not surgery_plan.removed:
         raise PlanError(
             f"Recipe '{recipe_file.recipe.name}' selects no block on this model, so there is nothing to export.",

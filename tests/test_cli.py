@@ -77,6 +77,17 @@ def test_run_writes_everything_under_one_folder(tiny_models, tmp_path, capsys):
     assert not leftovers(tmp_path)
 
 
+def test_dry_run_writes_nothing(tiny_models, tmp_path, capsys):
+    tiny = tiny_models["llava"]
+    out_dir = tmp_path / "dry"
+    code, out, err = run_cli(
+        capsys, "prune", tiny.path, "--recipe", RECIPES / "skipit.yaml", "--data", tiny.data, "-o", out_dir, "--dry-run"
+    )
+    assert code == 0, err
+    assert "dry run: nothing written" in out and "conditions" in out
+    assert not out_dir.exists() and not leftovers(tmp_path)
+
+
 def test_explicit_recipe_needs_no_data(tiny_models, tmp_path, capsys):
     out_dir = tmp_path / "explicit"
     code, out, err = run_cli(capsys, "prune", tiny_models["mistral"].path, "--recipe", RECIPES / "explicit.yaml", "-o", out_dir)
