@@ -96,6 +96,12 @@ def _obtain_report(
 ) -> tuple[CalibrationReport | None, list[Sample] | None]:
     if calibration is not None or not recipe_file.recipe.needs_calibration:
         report = CalibrationReport.load(calibration) if calibration is not None else None
+        measured = report.model.get("architecture") if report else None
+        if measured and measured != type(loaded.model).__name__:
+            raise InputError(
+                f"Calibration report '{calibration}' was measured on a {measured}, not a {type(loaded.model).__name__}.",
+                fix="calibrate this model (`compressor calibrate MODEL --data D -o calibration.json`).",
+            )
         # Samples, when given, still serve as the inputs of the export's reload check.
         return report, load_samples(data, limit=options.num_samples) if data else None
     if data is None:

@@ -235,6 +235,12 @@ def test_calibration_of_another_model(tmp_path, tiny_models, capsys):
     report = tmp_path / "c.json"
     assert run_cli(capsys, "calibrate", tiny_models["llama"].path, "--data", tiny_models["llama"].data, "-o", report)[0] == 0
     data = json.loads(report.read_text())
+    data["model"]["architecture"] = "MistralForCausalLM"
+    report.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["prune", tiny_models["llama"].path, "--recipe", RECIPES / "shortgpt.yaml", "--calibration", report, "-o", out]
+    expect_usage_error(capsys, args, "was measured on a MistralForCausalLM, not a LlamaForCausalLM", tmp_path, out)
+    data["model"]["architecture"] = "LlamaForCausalLM"
     data["model"]["num_blocks"] = 8
     report.write_text(json.dumps(data))
     out = tmp_path / "out"
@@ -280,3 +286,20 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recipe_carries_model_and_data(tmp_path, tiny_models, capsys):
+    tiny = tiny_models["llama"]
+    shutil.copy(tiny.data, tmp_path / "calib.jsonl")
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"version: 1\nname: t\nmodel: {tiny.path}\ncalibration: {{data: calib.jsonl, num_samples: 4}}\n"
+        "select: {op: lowest, metric: tail_probability, epsilon: 0.3, count: 1}\n",
+    )
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "run", recipe, "-o", out_dir)
+    assert code == 0, err
+    report = json.loads((out_dir / "calibration.json").read_text())
+    assert report["data"]["num_samples"] == 4 and report["data"]["path"] == str((tmp_path / "calib.jsonl").resolve())
+    assert 0.3 in report["options"]["epsilons"]  # measured because the recipe selects on it
+    expect_usage_error(capsys, ["run", RECIPES / "explicit.yaml", "-o", tmp_path / "x"], "No model given", tmp_path)
