@@ -31,8 +31,17 @@ class Adapter:
     index_fields: tuple[str, ...] = ()  # config ints counting blocks from the start
     renumber_attrs: tuple[str, ...] = ("layer_idx",)  # set to the block's new index
     tensor_prefix: str = "model.layers.{index}."  # on-disk name prefix of block `index`
+    # Config ints holding the period p of `layer_types`: block i is full attention iff
+    # (i + 1) % p == 0, sliding otherwise (Gemma3's `sliding_window_pattern`). They only say
+    # again what `layer_types` says, so after selection they are recomputed from the kept
+    # `layer_types`, or set to None when no period reproduces it (layer_types stays the truth).
+    layer_period_fields: tuple[str, ...] = ()
     image_token_keys: tuple[str, ...] = ()  # config attributes holding the image token id
     multimodal: bool = False
+    # The decoder attends both ways over the prompt (prefix-LM: the prompt is the prefix, the
+    # answer the causally attended suffix). A cache-free reference for cached decoding must then
+    # mark generated tokens as suffix, and exporters must not trace a causal graph (FACTS.md).
+    prefix_lm: bool = False
     notes: tuple[str, ...] = field(default=())
 
     # -- config -----------------------------------------------------------------------------
@@ -43,6 +52,11 @@ class Adapter:
     @property
     def count_path(self) -> str:
         return f"{self.text_config_path}.{self.count_key}".lstrip(".")
+
+    @property
+    def modality_split(self) -> bool:
+        """Whether calibration can tell image tokens from text tokens (image/text/all)."""
+        return bool(self.image_token_keys)
 
     def num_blocks(self, config: Any) -> int:
         return int(getattr(self.text_config(config), self.count_key))
@@ -118,6 +132,72 @@ ADAPTERS: tuple[Adapter, ...] = (
         per_layer_lists=("layer_types",),
         index_fields=("max_window_layers",),
         **_LLAMA_LIKE,
+    ),
+    Adapter(
+        family="qwen2_vl",
+        architectures=("Qwen2VLForConditionalGeneration",),
+        model_types=("qwen2_vl",),
+        # 4.52+ nest the decoder under model.language_model; older releases had it at model.
+        block_paths=("model.language_model.layers", "model.layers"),
+        text_config_path="text_config",
+        # Sliding-window config as Qwen2; M-RoPE positions come from the processor's inputs.
+        per_layer_lists=("layer_types",),
+        index_fields=("max_window_layers",),
+        # Saved in the pre-4.52 layout (the checkpoint conversion mapping is reversed on save).
+        tensor_prefix="model.layers.{index}.",
+        image_token_keys=("image_token_id",),
+        multimodal=True,
+    ),
+    Adapter(
+        family="qwen2_5_vl",
+        architectures=("Qwen2_5_VLForConditionalGeneration",),
+        model_types=("qwen2_5_vl",),
+        block_paths=("model.language_model.layers", "model.layers"),
+        text_config_path="text_config",
+        per_layer_lists=("layer_types",),
+        index_fields=("max_window_layers",),
+        tensor_prefix="model.layers.{index}.",
+        image_token_keys=("image_token_id",),
+        multimodal=True,
+    ),
+    Adapter(
+        family="idefics3",
+        architectures=("Idefics3ForConditionalGeneration",),
+        model_types=("idefics3",),
+        # SmolVLM (v1) checkpoints are Idefics3; the decoder is a Llama under text_model.
+        block_paths=("model.text_model.layers",),
+        text_config_path="text_config",
+        tensor_prefix="model.text_model.layers.{index}.",
+        image_token_keys=("image_token_id",),
+        multimodal=True,
+    ),
+    Adapter(
+        family="paligemma",
+        architectures=("PaliGemmaForConditionalGeneration",),
+        model_types=("paligemma",),
+        block_paths=("model.language_model.layers", "language_model.model.layers"),
+        text_config_path="text_config",
+        tensor_prefix="language_model.model.layers.{index}.",
+        image_token_keys=("image_token_id", "image_token_index"),
+        multimodal=True,
+        prefix_lm=True,
+        notes=("prefix-LM: attends both ways over the prompt; answers are given to the processor as `suffix`",),
+    ),
+    Adapter(
+        family="gemma3",
+        architectures=("Gemma3ForConditionalGeneration",),
+        model_types=("gemma3",),
+        block_paths=("model.language_model.layers", "language_model.model.layers"),
+        text_config_path="text_config",
+        per_layer_lists=("layer_types",),
+        # Saved twice in config.json (the constructor keyword and its private copy).
+        layer_period_fields=("sliding_window_pattern", "_sliding_window_pattern"),
+        tensor_prefix="language_model.model.layers.{index}.",
+        image_token_keys=("image_token_id", "image_token_index"),
+        multimodal=True,
+        # The local rotary embedding holds a deep copy of the text config: surgery updates every
+        # config object that describes the decoder (`surgery._decoder_configs`), not just one.
+        notes=("image tokens attend each other both ways (token_type_ids from the processor)",),
     ),
 )
 

@@ -13,6 +13,11 @@ import yaml
 from .hub import ModelSource
 from .planner import SurgeryPlan
 
+# How the weights were checked, stated on the card; each export path says what it did.
+RELOAD_VERIFIED = (
+    "The exported weights were reloaded and their logits compared with the in-memory pruned model before this folder was written."
+)
+
 
 def render_card(
     *,
@@ -25,6 +30,7 @@ def render_card(
     params_after: int,
     versions: dict[str, str],
     calibration: dict[str, Any] | None = None,
+    verification: str = RELOAD_VERIFIED,
 ) -> str:
     front: dict[str, Any] = {}
     if source is not None and source.hub_id:
@@ -72,7 +78,7 @@ def render_card(
         lines.append("- No calibration: the recipe lists the blocks explicitly.")
     lines += [
         "- `recipe.yaml` is the recipe used; `plan.json` lists the removed blocks with the metric values that chose them.",
-        "- The exported weights were reloaded and their logits compared with the in-memory pruned model before this folder was written.",
+        f"- {verification}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
         "",
         "## Limitations",

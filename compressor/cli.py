@@ -308,14 +308,24 @@ def arch_list() -> None:
     """Show the supported families and what each supports."""
     from .architectures import ADAPTERS
 
-    header = ("family", "architectures", "blocks at", "block count", "modality split")
+    header = ("family", "architectures", "blocks at", "block count", "modality split", "per-layer config")
     rows = [
-        (a.family, ", ".join(a.architectures), a.block_paths[0], a.count_path, "image/text/all" if a.image_token_keys else "text/all")
+        (
+            a.family,
+            ", ".join(a.architectures),
+            a.block_paths[0],
+            a.count_path,
+            "image/text/all" if a.modality_split else "text/all",
+            ", ".join((*a.per_layer_lists, *a.index_fields, *a.layer_period_fields)) or "-",
+        )
         for a in ADAPTERS
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    notes = [f"  {a.family}: {note}" for a in ADAPTERS for note in a.notes]
+    if notes:
+        click.echo("\nnotes:\n" + "\n".join(notes))
 
 
 def main(argv: list[str] | None = None) -> int:

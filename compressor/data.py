@@ -8,8 +8,11 @@ image tokens are expanded (FACTS.md), and only the processor knows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +114,39 @@ def is_multimodal(processor: Any) -> bool:
     return hasattr(processor, "image_processor")
 
 
+def takes_suffix(processor: Any) -> bool:
+    """Whether the processor takes the answer apart from the prompt, as ``suffix=`` (PaliGemma).
+
+    Such a model is a prefix-LM: it attends both ways over the prompt and causally over the
+    answer, and only the processor's ``token_type_ids`` (with ``labels``) for a suffix switch
+    its mask to that form. An answer written into the prompt text would be attended both ways,
+    each answer token seeing the ones after it. Read from the keyword arguments the processor
+    declares, so any processor that declares ``suffix`` is treated so, whatever its family.
+    """
+    return _declares_suffix(type(processor))
+
+
+@functools.cache
+def _declares_suffix(processor_class: type) -> bool:
+    try:
+        annotation = inspect.signature(processor_class.__call__).parameters["kwargs"].annotation
+        declared = typing.get_args(annotation)[0]  # Unpack[XProcessorKwargs]
+        text_kwargs = typing.get_type_hints(declared)["text_kwargs"]
+        return "suffix" in typing.get_type_hints(text_kwargs)
+    except (KeyError, IndexError, TypeError, ValueError, NameError, AttributeError):
+        return False
+
+
 def format_prompt(processor: Any, sample: Sample, *, with_answer: bool) -> str:
-    """The text of one sample, through the chat template when the model has one."""
+    """The text of one sample, through the chat template when the model has one.
+
+    For a processor that `takes_suffix`, this is the prompt alone: the answer goes separately.
+    """
     tokenizer = tokenizer_of(processor)
     multimodal = is_multimodal(processor)
+    if takes_suffix(processor):
+        # The processor expands the image token and puts BOS after it: <image>…<bos>prompt\n
+        return f"{processor.image_token}{sample.prompt}" if multimodal and sample.image else sample.prompt
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     answer = sample.answer if with_answer else None
     if template:
@@ -172,12 +204,20 @@ def _encode(processor: Any, samples: list[Sample], *, with_answer: bool) -> dict
     has_template = bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
     # A chat template already writes the special tokens (BOS...) it wants.
     kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "add_special_tokens": not has_template}
+    if with_answer and takes_suffix(processor) and any(s.answer is not None for s in samples):
+        kwargs["suffix"] = [s.answer or "" for s in samples]  # no answer: an empty suffix (just EOS)
     if is_multimodal(processor):
-        images = [_load_image(s.image) for s in samples if s.image is not None]
-        encoded = processor(images=images or None, text=texts, **kwargs)
+        # One list of images per sample: a flat list is read as one sample's images by some
+        # processors (Gemma3), as one image per sample by others.
+        images = [[_load_image(s.image)] if s.image is not None else [] for s in samples]
+        encoded = processor(images=images if any(images) else None, text=texts, **kwargs)
     else:
         encoded = tokenizer(texts, **kwargs)
-    encoded.pop("token_type_ids", None)
+        # Some tokenizers add token_type_ids unasked; decoder models reject them in generate().
+        encoded.pop("token_type_ids", None)
+    # A processor's token_type_ids (and labels) mean something and stay: Gemma3 marks image
+    # tokens, which attend each other both ways; PaliGemma marks the suffix, and with labels
+    # present attends causally there and both ways over the prompt.
     return dict(encoded)
 
 

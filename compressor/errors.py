@@ -27,6 +27,15 @@ class InputError(CompressorError):
     """A missing or malformed input file: model folder, data file, calibration report."""
 
 
+class CheckpointError(InputError):
+    """Checkpoint files that cannot be rewritten as asked: a corrupt safetensors header, an
+    index naming a missing shard, or block tensors not where the family's name template says."""
+
+
+class InsufficientSpaceError(CompressorError):
+    """The output's file system has less free space than the files about to be written."""
+
+
 class RecipeError(CompressorError):
     """A recipe that does not parse or does not validate; lists every problem at once."""
 

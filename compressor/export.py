@@ -19,7 +19,7 @@ import torch
 
 from .architectures import Adapter
 from .calibrate import CalibrationReport, environment
-from .card import render_card
+from .card import RELOAD_VERIFIED, render_card
 from .data import Sample, build_batch, is_multimodal
 from .errors import VerificationError
 from .hub import ModelSource
@@ -81,28 +81,60 @@ def export_hf(
         processor.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None and not (staging / "generation_config.json").exists():
             model.generation_config.save_pretrained(staging)
-        if recipe_text is not None:
-            (staging / "recipe.yaml").write_text(recipe_text)
-        plan.save(staging / "plan.json")
-        if calibration is not None:
-            calibration.save(staging / "calibration.json")
-        (staging / "README.md").write_text(
-            render_card(
-                name=out.name,
-                source=source,
-                family=adapter.family,
-                multimodal=adapter.multimodal,
-                plan=plan,
-                params_before=params_before,
-                params_after=params_after,
-                versions=environment(),
-                calibration=calibration.to_dict() if calibration else None,
-            )
+        write_provenance(
+            staging,
+            name=out.name,
+            adapter=adapter,
+            plan=plan,
+            params_before=params_before,
+            params_after=params_after,
+            source=source,
+            recipe_text=recipe_text,
+            calibration=calibration,
         )
         check_samples = (samples or [])[:4] or verification_samples(processor, Path(scratch))
         diff = verify_reload(model, processor, adapter, staging, check_samples)
     log.info("wrote %s (reload verified, max |Δlogits| = %.3g)", out, diff)
     return ExportResult(path=out.resolve(), max_abs_diff=diff, params_before=params_before, params_after=params_after)
+
+
+def write_provenance(
+    folder: Path,
+    *,
+    name: str,
+    adapter: Adapter,
+    plan: SurgeryPlan,
+    params_before: int,
+    params_after: int,
+    source: ModelSource | None = None,
+    recipe_text: str | None = None,
+    calibration: CalibrationReport | None = None,
+    verification: str = RELOAD_VERIFIED,
+) -> None:
+    """Write what explains a pruned checkpoint: recipe.yaml, plan.json, calibration.json, README.md.
+
+    Shared by the in-memory export and the out-of-core rewrite (`checkpoint.py`), so both
+    folders carry the same lineage files and the same model card.
+    """
+    if recipe_text is not None:
+        (folder / "recipe.yaml").write_text(recipe_text)
+    plan.save(folder / "plan.json")
+    if calibration is not None:
+        calibration.save(folder / "calibration.json")
+    (folder / "README.md").write_text(
+        render_card(
+            name=name,
+            source=source,
+            family=adapter.family,
+            multimodal=adapter.multimodal,
+            plan=plan,
+            params_before=params_before,
+            params_after=params_after,
+            versions=environment(),
+            calibration=calibration.to_dict() if calibration else None,
+            verification=verification,
+        )
+    )
 
 
 def verify_reload(model: Any, processor: Any, adapter: Adapter, folder: Path, samples: list[Sample]) -> float:

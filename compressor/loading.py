@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import transformers
 from safetensors import safe_open
+from transformers.models.auto.processing_auto import processor_class_from_name
+from transformers.utils import is_torchvision_available
 
 from .architectures import Adapter, adapter_for_config
 from .errors import InputError
@@ -82,13 +84,82 @@ def check_safetensors(path: Path) -> list[Path]:
 def load_processor(path: Path, adapter: Adapter) -> Any:
     try:
         if adapter.multimodal:
-            return transformers.AutoProcessor.from_pretrained(path, use_fast=False)
+            return _assemble_processor(path)
         return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, ImportError) as error:
         raise InputError(
             f"No usable {'processor' if adapter.multimodal else 'tokenizer'} in '{path}' ({error}).",
             fix="save the processor/tokenizer next to the weights (processor.save_pretrained(folder)).",
         ) from None
+
+
+def _assemble_processor(path: Path) -> Any:
+    """The model's processor, assembled part by part with each part's own Auto class.
+
+    ``AutoProcessor`` alone does not do: it passes one ``use_fast`` to every part, and the slow
+    tokenizers that ``use_fast=False`` picks for Qwen2-VL and PaliGemma need vocabulary files
+    that fast-only checkpoints lack; and it loads a video processor even for image-only use,
+    which needs torchvision (transformers#48558). Here image processors are the slow (PIL)
+    ones, tokenizers the fast ones, and without torchvision the video processor is a
+    placeholder that refuses videos. Anything else falls back to ``AutoProcessor``.
+    """
+    name = _saved_processor_class(path)
+    processor_class = processor_class_from_name(name) if name else None
+    loaders = {
+        "image_processor": lambda: transformers.AutoImageProcessor.from_pretrained(path, use_fast=False),
+        "tokenizer": lambda: transformers.AutoTokenizer.from_pretrained(path),
+        "video_processor": lambda: (
+            transformers.AutoVideoProcessor.from_pretrained(path) if is_torchvision_available() else video_processor_placeholder()
+        ),
+    }
+    if processor_class is None or any(part not in loaders for part in processor_class.attributes):
+        return transformers.AutoProcessor.from_pretrained(path)
+    parts = [loaders[part]() for part in processor_class.attributes]
+    processor_dict, _ = processor_class.get_processor_dict(path)  # chat template, image_seq_len, ...
+    return processor_class.from_args_and_dict(parts, processor_dict)
+
+
+def _saved_processor_class(path: Path) -> str | None:
+    """The processor class name that save_pretrained recorded in the folder, if any."""
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            name = json.loads((path / file).read_text()).get("processor_class")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if name:
+            return name
+    return None
+
+
+class ImageOnlyVideoProcessor(transformers.BaseVideoProcessor):
+    """A video processor for image-only use where torchvision is missing; it refuses videos.
+
+    Processors such as Qwen2-VL's require a video processor object, and every real one needs
+    torchvision. This one subclasses the class transformers checks against (without
+    torchvision, a dummy that must not be initialised), saves nothing, and fails clearly if
+    it is ever given a video.
+    """
+
+    model_input_names: list[str] = []
+
+    def __init__(self) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise InputError("Video inputs need torchvision, which is not installed.", fix="pip install torchvision.")
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> list[str]:
+        return []
+
+    def _set_processor_class(self, processor_class: str) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "ImageOnlyVideoProcessor()"
+
+
+def video_processor_placeholder() -> ImageOnlyVideoProcessor:
+    return ImageOnlyVideoProcessor()
 
 
 def load_model(ref: str | ModelSource, *, device: str | None = "cpu", dtype: str | None = "auto") -> LoadedModel:

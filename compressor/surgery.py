@@ -8,7 +8,7 @@ fields such as `max_window_layers` to the number of kept blocks below the old va
 config object holding the decoder's block count is updated, since some families keep copies.
 
 `skip_blocks` is the reference surgery is checked against: the original model, with the
-same blocks replaced at run time by the identity.
+same blocks turned into the identity at run time.
 """
 
 from __future__ import annotations
@@ -42,7 +42,24 @@ def reindex_config(text_config: Any, adapter: Adapter, kept: Sequence[int]) -> N
         value = getattr(text_config, key, None)
         if isinstance(value, int):
             setattr(text_config, key, sum(1 for i in kept if i < value))
+    layer_types = getattr(text_config, "layer_types", None)
+    for key in adapter.layer_period_fields:
+        if getattr(text_config, key, None) is not None and layer_types is not None:
+            setattr(text_config, key, layer_period(layer_types))
     setattr(text_config, adapter.count_key, len(kept))
+
+
+def layer_period(layer_types: Sequence[str]) -> int | None:
+    """The smallest p with block i full attention iff (i + 1) % p == 0; None if there is none.
+
+    With no full-attention block at all, any p beyond the last block fits: n + 1 is returned.
+    """
+    n = len(layer_types)
+    for period in range(1, n + 2):
+        expected = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+        if list(layer_types) == expected:
+            return period
+    return None
 
 
 def _decoder_configs(model: nn.Module, adapter: Adapter) -> list[Any]:
@@ -102,6 +119,11 @@ def check_invariants(model: nn.Module, adapter: Adapter) -> None:
             values = getattr(config, key, None)
             if values is not None and len(values) != count:
                 problems.append(f"config {key} has {len(values)} entries for {count} blocks")
+        layer_types = getattr(config, "layer_types", None)
+        for key in adapter.layer_period_fields:
+            value = getattr(config, key, None)
+            if value is not None and layer_types is not None and value != layer_period(layer_types):
+                problems.append(f"config {key} = {value} does not describe layer_types {list(layer_types)}")
     for index, block in enumerate(blocks):
         for module_name, module in block.named_modules():
             for attr in adapter.renumber_attrs:
@@ -120,42 +142,27 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class _Identity(nn.Module):
-    """Stands in for a skipped block: returns its hidden-state input unchanged.
-
-    Other attributes are read from the replaced block, since decoder loops consult them
-    (Qwen2 picks each block's attention mask by ``block.attention_type``).
-    """
-
-    def __init__(self, block: nn.Module, returns_tuple: bool):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-        object.__setattr__(self, "_block", block)  # not a submodule: no parameters here
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_block"), name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden,) if self.returns_tuple else hidden
+def _pass_input_through(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Forward hook: the block's output with its hidden states replaced by its input."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 @contextmanager
-def skip_blocks(model: nn.Module, adapter: Adapter, indices: Sequence[int], *, returns_tuple: bool = False) -> Iterator[None]:
-    """Run ``model`` with blocks ``indices`` replaced by the identity; restored on exit.
+def skip_blocks(model: nn.Module, adapter: Adapter, indices: Sequence[int]) -> Iterator[None]:
+    """Run ``model`` with blocks ``indices`` acting as the identity; restored on exit.
 
-    Meant for cache-free forward passes (the reference for surgery, ablation scans): the
-    skipped blocks' cache slots stay empty, so use it with ``use_cache=False``.
+    A forward hook hands each skipped block's input on as its output, in the output's own
+    structure: blocks return a tensor in some families and a tuple in others (Qwen2-VL and
+    Gemma3 on 4.57), and the decoder loop unpacks accordingly. The blocks stay in place, so
+    loops that read block attributes (``attention_type``) and caches indexed by block work
+    as before, with or without a KV cache. Skipped blocks still compute, and their result is
+    dropped: this is the reference surgery is checked against, not a speed-up.
     """
     blocks = adapter.blocks(model)
-    originals = {i: blocks[i] for i in indices}
+    handles = [blocks[i].register_forward_hook(_pass_input_through, with_kwargs=True) for i in indices]
     try:
-        for i in indices:
-            blocks[i] = _Identity(blocks[i], returns_tuple)
         yield
     finally:
-        for i, block in originals.items():
-            blocks[i] = block
+        for handle in handles:
+            handle.remove()

@@ -1,7 +1,8 @@
 """Hermetic fixtures: tiny random models of every supported family, built from config.
 
 Nothing is downloaded: each family's model is built from a config object, saved once per
-session with its own word-level tokenizer (and LLaVA processor) into a temporary folder.
+session with its own word-level tokenizer (and, for VLMs, a real processor of the family's
+class with the family's special tokens and chat template) into a temporary folder.
 """
 
 from __future__ import annotations
@@ -21,20 +22,67 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import (  # noqa: E402
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaTokenizerFast,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2TokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
 )
+from transformers.utils import is_torchvision_available  # noqa: E402
 
-from compressor.demo.processor import IMAGE, build_llava_processor, build_tokenizer  # noqa: E402
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+# threads' spin-waiting made each forward pass several times slower.
+torch.set_num_threads(1)
+
+from compressor.demo.processor import CHAT_TEMPLATE, IMAGE, build_llava_processor, build_tokenizer  # noqa: E402
+from compressor.loading import video_processor_placeholder  # noqa: E402
 
 WORDS = "what color shape is the how many red blue green circle square one two three describe count to".split()
-FAMILIES = ("llava", "llama", "mistral", "qwen2")
+FAMILIES = ("llava", "llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3")
+MULTIMODAL = frozenset({"llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3"})
+
+# Image tokens per 16x16 calibration image, as each family's vision tower produces them:
+# LLaVA 16/4 squared patches; Qwen 24x24 (min_pixels) / patch 4 = 6x6 grid, merged 2x2 -> 9;
+# Idefics3 resized to 32, split into 2x2 crops of 16 plus the global image, 4 tokens each
+# (16/4 squared patches, pixel-shuffled by 2x2) -> 20; PaliGemma 16/4 squared patches -> 16;
+# Gemma3 mm_tokens_per_image (16 patches average-pooled 2x2) -> 4.
+IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 9, "qwen2_5_vl": 9, "idefics3": 20, "paligemma": 16, "gemma3": 4}
+
+# Each family's image placeholder in the chat template (CHAT_TEMPLATE writes LLaVA's "<image>").
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_SPECIAL = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+IDEFICS3_SPECIAL = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>") + tuple(
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+)
+GEMMA3_SPECIAL = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 
 
 @dataclass
@@ -62,6 +110,121 @@ def _text_kwargs(tokenizer, layers: int) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def _siglip(**extra) -> SiglipVisionConfig:
+    """A one-layer SigLIP tower over 16x16 images in 4x4 patches (16 patch features)."""
+    return SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4, **extra
+    )
+
+
+def _qwen_vl(family: str, layers: int):
+    tokenizer = build_tokenizer(
+        WORDS, special_tokens=QWEN_SPECIAL, tokenizer_class=Qwen2TokenizerFast, chat_template=CHAT_TEMPLATE.replace(IMAGE, QWEN_IMAGE)
+    )
+    # min_pixels = max_pixels fixes every image at 24x24: a 6x6 grid of 4x4 patches, 9 tokens.
+    image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=24 * 24, max_pixels=24 * 24)
+    if is_torchvision_available():
+        from transformers import Qwen2VLVideoProcessor
+
+        video_processor = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    else:
+        video_processor = video_processor_placeholder()
+    processor_class = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+    processor = processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=tokenizer.chat_template
+    )
+    token_ids = dict(
+        zip(
+            ("image_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id"),
+            tokenizer.convert_tokens_to_ids(QWEN_SPECIAL),
+        )
+    )
+    # M-RoPE splits head_dim/2 = 4 rotary frequencies over (time, height, width).
+    # Like qwen2: the first 2 blocks full attention, the rest sliding over a short window.
+    text = dict(
+        **_text_kwargs(tokenizer, layers),
+        rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=2,
+    )
+    common = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, **common)
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)), processor
+    # Window attention over 2x2 merged patches in the first vision block, full in the second.
+    vision = dict(
+        depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1], **common
+    )
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)), processor
+
+
+def _idefics3(layers: int):
+    tokenizer = build_tokenizer(WORDS, special_tokens=IDEFICS3_SPECIAL)
+    # Images are resized to 32 and split into 16x16 crops (2x2) plus a global 16x16 image.
+    image_processor = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 16}, do_image_splitting=True)
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+    )
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
+        ),
+        text_config=LlamaConfig(**_text_kwargs(tokenizer, layers)),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def _paligemma(layers: int):
+    # PaliGemma has no chat template: "<image>"*16 <bos> prompt "\n", the answer as a suffix.
+    tokenizer = build_tokenizer(WORDS, tokenizer_class=GemmaTokenizerFast, chat_template=None)
+    image_processor = SiglipImageProcessor(size={"height": 16, "width": 16}, image_seq_length=16)
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc…>/<seg…> tokens
+    # Untied head, unlike real checkpoints: a tied random Gemma just repeats one token when
+    # decoding greedily, which would leave the cached-generation test nothing to compare.
+    # (test_tied_embeddings_export_reloads_clean covers the tied layout.)
+    text = GemmaConfig(**{**_text_kwargs(tokenizer, layers), "vocab_size": len(tokenizer)}, head_dim=8, tie_word_embeddings=False)
+    config = PaliGemmaConfig(
+        vision_config=_siglip(),
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        projection_dim=32,
+        hidden_size=32,
+        vocab_size=len(tokenizer),
+    )
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
+def _gemma3(layers: int):
+    tokenizer = build_tokenizer(
+        WORDS, extra_special_tokens=GEMMA3_SPECIAL, chat_template=CHAT_TEMPLATE.replace(IMAGE, GEMMA3_SPECIAL["boi_token"])
+    )
+    image_processor = Gemma3ImageProcessor(size={"height": 16, "width": 16})
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=tokenizer.chat_template
+    )
+    # Every third block full attention, the others sliding: layer_types S S F S S F. Untied
+    # head for the same reason as PaliGemma's.
+    text = Gemma3TextConfig(
+        **_text_kwargs(tokenizer, layers), head_dim=8, sliding_window=6, sliding_window_pattern=3, tie_word_embeddings=False
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=_siglip(),
+        mm_tokens_per_image=4,
+        image_token_index=tokenizer.image_token_id,
+        boi_token_index=tokenizer.convert_tokens_to_ids(GEMMA3_SPECIAL["boi_token"]),
+        eoi_token_index=tokenizer.convert_tokens_to_ids(GEMMA3_SPECIAL["eoi_token"]),
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    # Gemma3 initialises its image projection to zeros: every image would embed the same.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+    return model, processor
 
 
 def build_tiny(family: str, layers: int = 6, seed: int = 0):
@@ -95,6 +258,14 @@ def build_tiny(family: str, layers: int = 6, seed: int = 0):
         # First 2 blocks full attention, the rest sliding: layer_types mixes both kinds.
         config = Qwen2Config(**_text_kwargs(tokenizer, layers), use_sliding_window=True, sliding_window=6, max_window_layers=2)
         processor, model = tokenizer, Qwen2ForCausalLM(config)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        model, processor = _qwen_vl(family, layers)
+    elif family == "idefics3":
+        model, processor = _idefics3(layers)
+    elif family == "paligemma":
+        model, processor = _paligemma(layers)
+    elif family == "gemma3":
+        model, processor = _gemma3(layers)
     else:
         raise ValueError(family)
     model.config.architectures = [type(model).__name__]
@@ -133,7 +304,7 @@ def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
         path = root / family
         model.save_pretrained(path)
         processor.save_pretrained(path)
-        data = write_data(root / f"{family}-data", images=family == "llava")
+        data = write_data(root / f"{family}-data", images=family in MULTIMODAL)
         found[family] = TinyModel(family=family, path=path, data=data)
     return found
 

@@ -13,6 +13,8 @@ from compressor.calibrate import CalibrationOptions, CalibrationReport, calibrat
 from compressor.data import build_batch, load_samples
 from compressor.errors import InputError
 
+from .conftest import IMAGE_TOKENS, MULTIMODAL
+
 OPTIONS = CalibrationOptions(num_samples=None, batch_size=2, max_length=None, epsilons=(0.05, 0.5), max_span=3)
 
 
@@ -68,17 +70,78 @@ def test_streaming_is_independent_of_batching(tiny_models):
     assert one.data["tokens"] == many.data["tokens"]
 
 
-def test_image_mask_marks_exactly_the_image_tokens(tiny_models):
-    tiny = tiny_models["llava"]
+PROCESSORS = {
+    "llava": "LlavaProcessor",
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "idefics3": "Idefics3Processor",
+    "paligemma": "PaliGemmaProcessor",
+    "gemma3": "Gemma3Processor",
+}
+
+
+@pytest.mark.parametrize("family", sorted(MULTIMODAL))
+def test_image_mask_marks_exactly_the_image_tokens(tiny_models, family):
+    tiny = tiny_models[family]
     loaded = tiny.load()
+    model, adapter = loaded.model, loaded.adapter
+    # The family's own processor comes back from the folder (a fast tokenizer inside).
+    assert type(loaded.processor).__name__ == PROCESSORS[family]
+    assert loaded.processor.tokenizer.is_fast
     samples = load_samples(tiny.data)[:2]
     batch = build_batch(loaded.processor, samples, with_answer=True)
-    image_id = loaded.adapter.image_token_id(loaded.model.config)
+    image_id = adapter.image_token_id(model.config)
     masks = modality_masks(batch.inputs["input_ids"], batch.inputs["attention_mask"], image_id)
-    # 16x16 image, patch 4, "default" strategy: 16 image tokens per sample.
-    assert masks["image"].sum(dim=1).tolist() == [16, 16]
+    # As many image tokens per sample as the vision tower yields features (IMAGE_TOKENS).
+    assert masks["image"].sum(dim=1).tolist() == [IMAGE_TOKENS[family]] * 2
     assert not (masks["image"] & masks["text"]).any()
     assert torch.equal(masks["image"] | masks["text"], batch.inputs["attention_mask"].bool())
+    # And they are where the image features enter the decoder: with other pixels, the first
+    # block's input changes at exactly the masked positions.
+    seen = []
+    handle = adapter.blocks(model)[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
+    generator = torch.Generator().manual_seed(0)
+    other = {k: torch.rand(v.shape, generator=generator) if k == "pixel_values" else v for k, v in batch.inputs.items()}
+    try:
+        with torch.no_grad():
+            model(**batch.inputs, use_cache=False)
+            model(**other, use_cache=False)
+    finally:
+        handle.remove()
+    changed = (seen[0] - seen[1]).abs().amax(dim=-1) > 0
+    assert torch.equal(changed, masks["image"])
+
+
+def test_prefix_lm_answers_are_a_causal_suffix(tiny_models):
+    """PaliGemma gets its answers as the processor's suffix: marked by token_type_ids, they
+    cannot change what the prompt (attended both ways) computes."""
+    tiny = tiny_models["paligemma"]
+    loaded = tiny.load()
+    assert loaded.adapter.prefix_lm
+    batch = build_batch(loaded.processor, load_samples(tiny.data)[:3], with_answer=True)
+    inputs, answer = batch.inputs, batch.answer_mask
+    assert torch.equal(inputs["token_type_ids"].bool() & inputs["attention_mask"].bool(), answer)
+    assert torch.equal(inputs["labels"] != -100, answer)
+    other = inputs["input_ids"].masked_fill(answer, loaded.processor.tokenizer.convert_tokens_to_ids("blue"))
+    with torch.no_grad():
+        before = loaded.model(**inputs).logits
+        after = loaded.model(**{**inputs, "input_ids": other}).logits
+    prompt = inputs["attention_mask"].bool() & ~answer
+    assert torch.equal(before[prompt], after[prompt])
+    assert not torch.equal(before[answer], after[answer])
+
+
+def test_every_family_calibrates_by_modality(tiny):
+    loaded = tiny.load()
+    samples = load_samples(tiny.data)
+    report = calibrate(loaded.model, loaded.processor, loaded.adapter, samples, options=OPTIONS)
+    assert report.data["tokens"]["image"] == IMAGE_TOKENS.get(tiny.family, 0) * len(samples)
+    assert report.data["tokens"]["text"] + report.data["tokens"]["image"] == report.data["tokens"]["all"]
+    for modality in ("all", "text") + (("image",) if tiny.family in MULTIMODAL else ()):
+        values = report.values("block_influence", modality)
+        assert len(values) == 6 and all(v is not None and math.isfinite(v) for v in values)
 
 
 def test_hooks_removed_and_mode_restored_even_on_error(tiny_models):

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 from compressor import cli
+from compressor.architectures import adapter_for_config
+from compressor.loading import load_config
+
+from .conftest import FAMILIES
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 
@@ -106,6 +110,29 @@ def test_hub_id_is_recorded_as_base_model(tiny_models, tmp_path, capsys, monkeyp
     assert code == 0, err
     card = (out_dir / "README.md").read_text()
     assert "base_model: org/tiny-llama" in card.split("---")[1]
+
+
+def test_arch_list_lists_every_family(capsys):
+    from compressor.architectures import ADAPTERS
+
+    code, out, err = run_cli(capsys, "arch", "list")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip() and not line.startswith((" ", "notes"))}
+    assert set(FAMILIES) <= set(rows)
+    for adapter in ADAPTERS:
+        assert all(arch in rows[adapter.family] for arch in adapter.architectures)
+        assert ("image/text/all" in rows[adapter.family]) == adapter.multimodal
+
+
+def test_prune_without_data_verifies_every_family(tiny, tmp_path, capsys):
+    """An explicit recipe needs no data: the export is checked on built-in samples (an image
+    one and a text-only one in the same batch), loaded with the family's own processor."""
+    out_dir = tmp_path / "pruned"
+    code, out, err = run_cli(capsys, "prune", tiny.path, "--recipe", RECIPES / "explicit.yaml", "-o", out_dir)
+    assert code == 0, err
+    assert "reloaded and verified" in out
+    config = load_config(out_dir)
+    assert adapter_for_config(config).num_blocks(config) == 4
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -11,14 +11,16 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoConfig
 
-from compressor.data import build_batch, load_samples
+from compressor.architectures import ADAPTERS, adapter_for_model
+from compressor.data import build_batch, load_samples, tokenizer_of
 from compressor.errors import PlanError, SurgeryError
 from compressor.export import export_hf
 from compressor.planner import RemovedBlock, SurgeryPlan
-from compressor.surgery import apply_plan, check_invariants, count_parameters, skip_blocks
+from compressor.surgery import apply_plan, check_invariants, count_parameters, layer_period, skip_blocks
 
-from .conftest import build_tiny
+from .conftest import build_tiny, write_data
 
 
 def make_plan(removed: list[int], num_blocks: int = 6) -> SurgeryPlan:
@@ -31,16 +33,36 @@ def make_plan(removed: list[int], num_blocks: int = 6) -> SurgeryPlan:
 
 
 @torch.no_grad()
-def greedy_without_cache(model, inputs: dict, steps: int) -> torch.Tensor:
-    """Greedy decoding recomputing the whole sequence each step: needs no KV cache at all."""
+def greedy_without_cache(model, inputs: dict, steps: int, *, suppress: list[int], prefix_lm: bool = False) -> torch.Tensor:
+    """Greedy decoding recomputing the whole sequence each step: needs no KV cache at all.
+
+    Tokens in ``suppress`` are never chosen (as ``generate(suppress_tokens=...)``). Other
+    per-token inputs (Gemma3's token_type_ids) grow by repeating their last column, as
+    generate() does. For a prefix-LM (PaliGemma), generated tokens are marked as the suffix
+    (token_type_ids 1, with labels) so they attend causally, as in cached decoding, instead of
+    both ways like the prompt.
+    """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    prompt_length = ids.shape[1]
     for _ in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        step = dict(extra)
+        if prefix_lm:
+            step["token_type_ids"] = (torch.arange(ids.shape[1]) >= prompt_length).long().expand_as(ids)
+            step["labels"] = ids
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **step).logits[:, -1]
+        logits[:, suppress] = -torch.inf
+        token = logits.argmax(dim=-1, keepdim=True)
+        extra = {k: torch.cat([v, v[:, -1:]], dim=1) if v.shape == ids.shape else v for k, v in extra.items()}
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     return ids
+
+
+def placeholder_ids(processor) -> list[int]:
+    """Special tokens a processor expands or wraps around images: not to be generated, since a
+    cache-free reference would feed them back without their pixels."""
+    return tokenizer_of(processor).additional_special_tokens_ids
 
 
 REMOVALS = {"middle": [2, 3], "first": [0], "last": [5], "scattered": [0, 2, 5]}
@@ -63,17 +85,18 @@ def test_pruned_equals_skipped_original(tiny, case):
     assert adapter.num_blocks(pruned.config) == 6 - len(removed)
 
     gen_batch = build_batch(processor, samples, with_answer=False, padding_side="left")
+    suppress = placeholder_ids(processor)
     with skip_blocks(model, adapter, removed):
-        reference = greedy_without_cache(model, gen_batch.inputs, steps=5)
+        reference = greedy_without_cache(model, gen_batch.inputs, steps=5, suppress=suppress, prefix_lm=adapter.prefix_lm)
     with torch.no_grad():
-        generated = pruned.generate(**gen_batch.inputs, max_new_tokens=5, do_sample=False, use_cache=True, eos_token_id=None)
+        generated = pruned.generate(
+            **gen_batch.inputs, max_new_tokens=5, do_sample=False, use_cache=True, eos_token_id=None, suppress_tokens=suppress
+        )
     assert torch.equal(reference, generated)
 
 
 def test_renumbering_and_config_lists():
     model, _ = build_tiny("qwen2", layers=6)
-    from compressor.architectures import adapter_for_model
-
     adapter = adapter_for_model(model)
     before = list(model.config.layer_types)
     assert before == ["full_attention"] * 2 + ["sliding_attention"] * 4
@@ -86,8 +109,6 @@ def test_renumbering_and_config_lists():
 
 def test_check_invariants_catches_a_missed_renumber():
     model, _ = build_tiny("llama", layers=4)
-    from compressor.architectures import adapter_for_model
-
     adapter = adapter_for_model(model)
     apply_plan(model, make_plan([1], num_blocks=4), adapter)
     model.model.layers[2].self_attn.layer_idx = 3
@@ -131,3 +152,83 @@ def test_export_reloads_clean_and_identical(tiny, tmp_path):
     assert adapter.num_blocks(reloaded.config) == 4
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "depth-pruning" in card and "| 1 |" in card and "| 3 |" in card
+
+
+LAYERED = [a.family for a in ADAPTERS if a.per_layer_lists]
+
+
+@pytest.mark.parametrize("removed", [[0, 3], [0]], ids=["two", "first"])
+@pytest.mark.parametrize("family", LAYERED)
+def test_per_layer_config_after_pruning(family, removed, tmp_path):
+    """Every config copy in the model agrees after pruning, the kept blocks keep their attention
+    type, and the saved config validates and rebuilds the same blocks."""
+    model, _ = build_tiny(family)
+    adapter = adapter_for_model(model)
+    text = adapter.text_config(model.config)
+    kept = [i for i in range(6) if i not in removed]
+    types = list(text.layer_types)
+    assert "sliding_attention" in types and "full_attention" in types  # the tiny model mixes both
+    windows = [block.self_attn.sliding_window for block in adapter.blocks(model)]
+    index_before = {key: getattr(text, key) for key in adapter.index_fields}
+
+    apply_plan(model, make_plan(removed), adapter)
+    copies = [m.config for m in model.modules() if type(getattr(m, "config", None)) is type(text)]
+    assert text in copies
+    for config in copies:  # Gemma3's local rotary embedding holds its own deep copy
+        assert config.num_hidden_layers == len(kept)
+        assert config.layer_types == [types[i] for i in kept]
+        for key, value in index_before.items():
+            assert getattr(config, key) == sum(1 for i in kept if i < value)
+        for key in adapter.layer_period_fields:
+            assert getattr(config, key) == layer_period(config.layer_types)
+    assert [block.attention_type for block in adapter.blocks(model)] == text.layer_types
+    assert [block.self_attn.sliding_window for block in adapter.blocks(model)] == [windows[i] for i in kept]
+
+    model.save_pretrained(tmp_path)
+    reloaded_config = AutoConfig.from_pretrained(tmp_path)  # validates layer_types against the count
+    assert adapter.text_config(reloaded_config).layer_types == text.layer_types
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert [block.attention_type for block in adapter.blocks(reloaded)] == text.layer_types
+    assert [block.self_attn.sliding_window for block in adapter.blocks(reloaded)] == [windows[i] for i in kept]
+    for key in adapter.layer_period_fields:
+        assert getattr(adapter.text_config(reloaded.config), key) == getattr(text, key)
+
+
+def test_gemma3_sliding_window_pattern_follows_layer_types():
+    # S S F S S F, pattern 3: dropping 0 and 3 leaves S F S F (period 2); dropping 0 alone
+    # leaves S F S S F, which no period describes.
+    assert layer_period(["sliding_attention", "full_attention"] * 2) == 2
+    assert layer_period(["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]) is None
+    assert layer_period(["sliding_attention"] * 3) == 4
+    model, _ = build_tiny("gemma3")
+    adapter = adapter_for_model(model)
+    assert model.config.text_config._sliding_window_pattern == 3
+    apply_plan(model, make_plan([0, 3]), adapter)
+    assert model.config.text_config._sliding_window_pattern == 2
+    assert model.config.text_config.sliding_window_pattern == 2
+    local = model.model.language_model.rotary_emb_local.config  # a deep copy of the text config
+    assert local is not model.config.text_config
+    assert (local.num_hidden_layers, local.layer_types, local._sliding_window_pattern) == (4, model.config.text_config.layer_types, 2)
+    model.config.text_config._sliding_window_pattern = 3
+    with pytest.raises(SurgeryError, match="_sliding_window_pattern = 3 does not describe layer_types"):
+        check_invariants(model, adapter)
+
+
+def test_tied_embeddings_export_reloads_clean(tmp_path):
+    """Real Gemma-family VLMs tie the output head to the input embeddings (the fixtures untie it,
+    or greedy decoding of a random model just repeats one token); tied, export works the same."""
+    model, processor = build_tiny("paligemma")
+    model.config.text_config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    adapter = adapter_for_model(model)
+    before = count_parameters(model)
+    plan = make_plan([1, 3])
+    apply_plan(model, plan, adapter)
+    samples = load_samples(write_data(tmp_path / "data", images=True))[:2]
+    out = tmp_path / "pruned"
+    result = export_hf(model, processor, adapter, out, plan=plan, params_before=before, samples=samples)
+    assert result.max_abs_diff == 0.0
+    reloaded, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight

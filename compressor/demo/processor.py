@@ -8,7 +8,7 @@ real Hub models (``apply_chat_template``) is exercised by the demo and the tests
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
@@ -33,23 +33,40 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer over ``words`` (plus template words and special tokens)."""
+def build_tokenizer(
+    words: Iterable[str],
+    *,
+    special_tokens: Sequence[str] = (),
+    extra_special_tokens: Mapping[str, str] | None = None,
+    tokenizer_class: type[PreTrainedTokenizerFast] = PreTrainedTokenizerFast,
+    chat_template: str | None = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over ``words`` (plus template words and special tokens).
+
+    Other model families need more: ``special_tokens`` are extra unsplittable tokens (Qwen's
+    ``<|image_pad|>``, Idefics3's ``<row_1_col_1>``); ``extra_special_tokens`` are named ones
+    that become tokenizer attributes (Gemma3's ``image_token``, ``boi_token``, ...);
+    ``tokenizer_class`` is a fast tokenizer class that a processor insists on (e.g.
+    ``Qwen2TokenizerFast``), built around the same word-level model.
+    """
+    named = dict(extra_special_tokens or {})
+    added = [t for t in (*special_tokens, *named.values()) if t not in SPECIAL_TOKENS]
     vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *TEMPLATE_WORDS, *sorted(set(words))):
+    for token in (*SPECIAL_TOKENS, *added, *TEMPLATE_WORDS, *sorted(set(words))):
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Split on whitespace and punctuation, so "red?" is two words, like the vocabulary.
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = tokenizer_class(
         tokenizer_object=core,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
         unk_token=UNK,
-        additional_special_tokens=[IMAGE],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=[IMAGE, *dict.fromkeys(added)],
+        extra_special_tokens=named,
+        chat_template=chat_template,
         # No token_type_ids: decoder models reject them in generate().
         model_input_names=["input_ids", "attention_mask"],
     )

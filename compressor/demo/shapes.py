@@ -189,7 +189,6 @@ def _write_split(out_dir: Path, name: str, items: list[tuple[Scene, Question]]) 
                 "image": image.relative_to(out_dir).as_posix(),
                 "prompt": question.prompt,
                 "answer": question.answer,
-                "task": question.task,
             }
             f.write(json.dumps(record) + "\n")
     return jsonl

@@ -1,0 +1,412 @@
+"""Out-of-core checkpoint surgery against the in-memory reference, per family and layout.
+
+The reference is `apply_plan` + `save_pretrained`: the rewritten files must hold the same
+tensors (names, dtypes, values) and the same config, reload with no missing or unexpected
+keys, and give the in-memory pruned model's logits. Memory is checked with tracemalloc on
+the user-space copy path, with a control run that shows the measurement sees the buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import errno
+import json
+import os
+import re
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from compressor import checkpoint
+from compressor.architectures import adapter_for_config
+from compressor.checkpoint import (
+    DTYPE_BYTES,
+    INDEX_NAME,
+    BlockNames,
+    read_checkpoint,
+    read_header,
+    rewrite_checkpoint,
+    shard_names,
+    write_shard,
+)
+from compressor.data import build_batch, load_samples
+from compressor.demo.processor import build_tokenizer
+from compressor.errors import CheckpointError, InputError, InsufficientSpaceError, OutputExistsError, PlanError
+from compressor.surgery import apply_plan
+
+from .conftest import FAMILIES, WORDS, _text_kwargs
+from .test_surgery import make_plan
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                assert name not in tensors, f"{name} stored twice"
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+
+
+def config_dict(folder: Path) -> dict:
+    """config.json without the sub-configs' `dtype`, which `from_pretrained` fills in on the in-memory
+    model (the reference) but a config read from disk does not have: a loading artefact, not surgery."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not (k == "dtype" and value is not top)}
+        return value
+
+    top = json.loads((folder / "config.json").read_text())
+    return strip(top)
+
+
+def save_source(model, processor, folder: Path, sharded: bool) -> Path:
+    model.save_pretrained(folder, max_shard_size="20KB" if sharded else "5GB")
+    processor.save_pretrained(folder)
+    return folder
+
+
+def check_against_in_memory(model, processor, adapter, source: Path, tmp_path: Path, removed: list[int], samples=None):
+    """Rewrite ``source`` out of core and compare everything with the in-memory path."""
+    plan = make_plan(removed, num_blocks=adapter.num_blocks(model.config))
+    result = rewrite_checkpoint(source, tmp_path / "ooc", plan, adapter, recipe_text="name: test\n")
+    pruned = apply_plan(copy.deepcopy(model), plan, adapter)
+    pruned.save_pretrained(tmp_path / "mem")
+
+    assert_same_tensors(load_tensors(tmp_path / "ooc"), load_tensors(tmp_path / "mem"))
+    assert config_dict(tmp_path / "ooc") == config_dict(tmp_path / "mem")
+    reloaded, info = type(model).from_pretrained(tmp_path / "ooc", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert adapter.num_blocks(reloaded.config) == len(plan.kept)
+    texts = samples or load_samples_for_text()
+    inputs = build_batch(processor, texts, with_answer=True).inputs
+    with torch.no_grad():
+        expected = pruned.eval()(**inputs).logits
+        got = reloaded.eval()(**inputs).logits
+    assert torch.equal(got, expected)
+    for name in ("plan.json", "recipe.yaml", "README.md", "generation_config.json", "tokenizer.json"):
+        assert (tmp_path / "ooc" / name).is_file(), name
+    assert json.loads((tmp_path / "ooc" / "plan.json").read_text())["kept"] == plan.kept
+    assert "out of core" in (tmp_path / "ooc" / "README.md").read_text()
+    return result
+
+
+def load_samples_for_text():
+    from compressor.data import Sample
+
+    return [Sample(prompt="what color is the circle?", answer="red"), Sample(prompt="count to three", answer="one two three")]
+
+
+# -- conformance per family ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_in_memory_export(tiny_models, tmp_path, family, layout):
+    tiny = tiny_models[family]
+    loaded = tiny.load()
+    source = tiny.path if layout == "single" else save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    # One sample: the two paths differ only in how the weights reach disk, which batching does not exercise.
+    samples = load_samples(tiny.data)[:1]
+    result = check_against_in_memory(loaded.model, loaded.processor, loaded.adapter, source, tmp_path, [2, 3], samples)
+    prefixes = tuple(loaded.adapter.tensor_prefix.format(index=i) for i in (2, 3))
+    assert result.tensors_dropped == sum(1 for name in load_tensors(source) if name.startswith(prefixes))
+    assert result.params_after < result.params_before
+    if layout == "sharded":
+        assert result.dropped_files, "the 20KB shards of removed blocks should disappear"
+    else:
+        assert result.weight_files == ("model.safetensors",)
+
+
+@pytest.mark.parametrize("removed", [[0], [5], [0, 2, 5]], ids=["first", "last", "scattered"])
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_removing_first_last_scattered(tiny_models, tmp_path, family, removed):
+    tiny = tiny_models[family]
+    loaded = tiny.load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    check_against_in_memory(loaded.model, loaded.processor, loaded.adapter, source, tmp_path, removed, load_samples(tiny.data)[:1])
+
+
+def test_tied_embeddings(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(WORDS)
+    model = LlamaForCausalLM(LlamaConfig(**_text_kwargs(tokenizer, 6), tie_word_embeddings=True)).eval()
+    model.config.architectures = ["LlamaForCausalLM"]
+    source = save_source(model, tokenizer, tmp_path / "src", sharded=False)
+    assert "lm_head.weight" not in load_tensors(source)
+    adapter = adapter_for_config(model.config)
+    check_against_in_memory(model, tokenizer, adapter, source, tmp_path, [1, 4])
+    assert "lm_head.weight" not in load_tensors(tmp_path / "ooc")
+
+
+# -- sharded layout ------------------------------------------------------------------------------
+
+
+def test_sharded_index_is_consistent(tiny_models, tmp_path):
+    loaded = tiny_models["llava"].load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    seen: list[tuple[int, int]] = []
+    result = rewrite_checkpoint(source, tmp_path / "out", make_plan([1, 2, 3]), loaded.adapter, progress=lambda *a: seen.append(a))
+    out = tmp_path / "out"
+    assert seen[-1][0] == seen[-1][1] == sum(read_header(p).data_bytes for p in out.glob("*.safetensors"))
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    index = json.loads((out / INDEX_NAME).read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == files == sorted(result.weight_files)
+    n = len(files)
+    assert files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    headers = [read_header(out / name) for name in files]
+    assert index["metadata"]["total_size"] == sum(h.data_bytes for h in headers)
+    assert index["metadata"]["total_parameters"] == result.params_after
+    assert {t.name: h.path.name for h in headers for t in h.tensors} == index["weight_map"]
+    assert all(h.metadata == {"format": "pt"} for h in headers)
+    assert result.bytes_written == sum((out / name).stat().st_size for name in files)
+    assert not any(re.search(r"layers\.[3-5]\.", name) and name.startswith("language_model.") for name in index["weight_map"])
+
+
+def test_shard_names_renumber_or_keep():
+    assert shard_names(["model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors"]) == {
+        "model-00001-of-00004.safetensors": "model-00001-of-00002.safetensors",
+        "model-00004-of-00004.safetensors": "model-00002-of-00002.safetensors",
+    }
+    assert shard_names(["a.safetensors", "b.safetensors"]) == {"a.safetensors": "a.safetensors", "b.safetensors": "b.safetensors"}
+
+
+def test_mixed_dtypes_stay_aligned(tmp_path):
+    """Dropping tensors must not leave a wider dtype at an offset that is not a multiple of its size."""
+    (tmp_path / "src").mkdir()
+    tensors = {
+        "model.embed_tokens.weight": torch.arange(7, dtype=torch.bfloat16),  # 14 bytes: odd number of words
+        "model.layers.0.a": torch.arange(3, dtype=torch.int8),
+        "model.layers.1.b": torch.arange(5, dtype=torch.float32),
+        "model.layers.1.c": torch.arange(3, dtype=torch.float64),
+        "model.layers.2.d": torch.arange(9, dtype=torch.float16),
+        "model.layers.2.e": torch.arange(4, dtype=torch.int64),
+        "model.norm.weight": torch.ones(0, dtype=torch.float32),  # empty tensors are legal
+    }
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt", "note": "kept"})
+    adapter = adapter_for_config(LlamaConfig(architectures=["LlamaForCausalLM"]))
+    names = BlockNames.for_plan(adapter, make_plan([1], num_blocks=3))
+    source = read_checkpoint(tmp_path / "src")
+    shards, dropped = checkpoint.plan_shards(source, names)
+    assert dropped == [] and len(shards) == 1
+    write_shard(shards[0], tmp_path / "out.safetensors", checkpoint.ByteCopier(chunk_size=5))
+    written = read_header(tmp_path / "out.safetensors")
+    assert written.metadata == {"format": "pt", "note": "kept"}
+    assert written.data_start % 8 == 0
+    for tensor in written.tensors:
+        assert (written.data_start + tensor.begin) % DTYPE_BYTES[tensor.dtype] == 0, tensor
+    with safe_open(tmp_path / "out.safetensors", framework="pt") as handle:
+        got = {name: handle.get_tensor(name) for name in handle.keys()}
+    expected = {names.rename(k): v for k, v in tensors.items() if names.rename(k) is not None}
+    assert sorted(expected) == [
+        "model.embed_tokens.weight",
+        "model.layers.0.a",
+        "model.layers.1.d",
+        "model.layers.1.e",
+        "model.norm.weight",
+    ]
+    assert_same_tensors(got, expected)
+
+
+# -- refusals -----------------------------------------------------------------------------------
+
+
+def test_wrong_prefix_is_refused(tiny_models, tmp_path):
+    loaded = tiny_models["llama"].load()
+    adapter = dataclasses.replace(loaded.adapter, tensor_prefix="model.decoder.layers.{index}.")
+    with pytest.raises(CheckpointError) as caught:
+        rewrite_checkpoint(tiny_models["llama"].path, tmp_path / "out", make_plan([2]), adapter)
+    message = str(caught.value)
+    assert "model.decoder.layers.{index}." in message  # the prefix that matched nothing
+    assert "model.layers.{index}." in message  # what the names look like instead
+    assert "model.embed_tokens.weight" in message or "lm_head.weight" in message  # example names
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_llava_names_do_not_match_the_llama_prefix(tiny_models, tmp_path):
+    """The template is anchored: LLaVA's legacy `language_model.model.layers.N.` is not `model.layers.N.`."""
+    loaded = tiny_models["llava"].load()
+    adapter = dataclasses.replace(loaded.adapter, tensor_prefix="model.layers.{index}.")
+    with pytest.raises(CheckpointError, match=re.escape("language_model.model.layers.{index}.")):
+        rewrite_checkpoint(tiny_models["llava"].path, tmp_path / "out", make_plan([2]), adapter)
+
+
+def test_plan_for_another_model_is_refused(tiny_models, tmp_path):
+    loaded = tiny_models["qwen2"].load()
+    with pytest.raises(PlanError, match="8 blocks"):
+        rewrite_checkpoint(tiny_models["qwen2"].path, tmp_path / "out", make_plan([1], num_blocks=8), loaded.adapter)
+
+
+def test_existing_output_refused_unless_overwrite(tiny_models, tmp_path):
+    loaded = tiny_models["mistral"].load()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(OutputExistsError):
+        rewrite_checkpoint(tiny_models["mistral"].path, tmp_path / "out", make_plan([1]), loaded.adapter)
+    rewrite_checkpoint(tiny_models["mistral"].path, tmp_path / "out", make_plan([1]), loaded.adapter, overwrite=True)
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_not_enough_disk_space_is_refused_before_writing(tiny_models, tmp_path, monkeypatch):
+    loaded = tiny_models["llama"].load()
+    usage = checkpoint.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(InsufficientSpaceError, match="GB free"):
+        rewrite_checkpoint(tiny_models["llama"].path, tmp_path / "out", make_plan([1]), loaded.adapter)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_over_the_source_is_refused(tiny_models):
+    loaded = tiny_models["llama"].load()
+    with pytest.raises(InputError, match="source checkpoint itself"):
+        rewrite_checkpoint(tiny_models["llama"].path, tiny_models["llama"].path, make_plan([1]), loaded.adapter, overwrite=True)
+
+
+def test_truncated_shard_is_refused(tiny_models, tmp_path):
+    loaded = tiny_models["llama"].load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    victim = sorted(source.glob("*.safetensors"))[1]
+    os.truncate(victim, victim.stat().st_size - 10)
+    with pytest.raises(CheckpointError, match=re.escape(victim.name) + ".*truncated"):
+        rewrite_checkpoint(source, tmp_path / "out", make_plan([1]), loaded.adapter)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stale_weights_and_source_lineage_are_not_copied(tiny_models, tmp_path):
+    loaded = tiny_models["llama"].load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=False)
+    (source / "pytorch_model.bin").write_bytes(b"stale")
+    (source / "README.md").write_text("card of the source")
+    (source / "original").mkdir()
+    (source / "original" / "consolidated.00.pth").write_bytes(b"stale")
+    (source / "LICENSE").write_text("license text")
+    result = rewrite_checkpoint(source, tmp_path / "out", make_plan([1]), loaded.adapter)
+    out = tmp_path / "out"
+    assert (out / "LICENSE").read_text() == "license text"
+    assert not (out / "pytorch_model.bin").exists() and not (out / "original").exists()
+    assert "card of the source" not in (out / "README.md").read_text()
+    assert {"pytorch_model.bin", "original/", "README.md"} <= set(result.skipped_files)
+
+
+# -- copying: both paths give the same bytes, and memory stays bounded ----------------------------
+
+
+def test_user_space_fallback_gives_identical_files(tiny_models, tmp_path, monkeypatch):
+    loaded = tiny_models["qwen2"].load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    rewrite_checkpoint(source, tmp_path / "a", make_plan([0, 3]), loaded.adapter)
+
+    calls = {"copy_file_range": 0, "sendfile": 0}
+
+    def refused(method: str, code: int, after: int):
+        real = getattr(os, method)
+
+        def call(*args):
+            calls[method] += 1
+            if calls[method] > after:  # works for a while, then refuses mid-file
+                raise OSError(code, f"{method} refused")
+            return real(*args)
+
+        return call
+
+    monkeypatch.setattr(checkpoint, "COPY_METHODS", ("copy_file_range", "sendfile", "buffer"))
+    monkeypatch.setattr(os, "copy_file_range", refused("copy_file_range", errno.EXDEV, after=3), raising=False)
+    monkeypatch.setattr(os, "sendfile", refused("sendfile", errno.EINVAL, after=3), raising=False)
+    rewrite_checkpoint(source, tmp_path / "b", make_plan([0, 3]), loaded.adapter, chunk_size=1000)
+    assert calls["copy_file_range"] > 3 and calls["sendfile"] > 3  # both were refused mid-run
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "b").glob("*.safetensors"))
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_copier_steps_down_once_per_refused_method(tmp_path, monkeypatch):
+    data = bytes(range(256)) * 40
+    (tmp_path / "src").write_bytes(data)
+    calls = {"copy_file_range": 0, "sendfile": 0}
+
+    def refusing(method: str, after: int):
+        real = getattr(os, method)
+
+        def call(*args):
+            calls[method] += 1
+            if calls[method] > after:
+                raise OSError(errno.ENOSYS, "no")
+            return real(*args)
+
+        return call
+
+    monkeypatch.setattr(os, "copy_file_range", refusing("copy_file_range", 2), raising=False)
+    monkeypatch.setattr(os, "sendfile", refusing("sendfile", 2), raising=False)
+    copier = checkpoint.ByteCopier(chunk_size=100, methods=("copy_file_range", "sendfile"))
+    with open(tmp_path / "src", "rb", buffering=0) as src, open(tmp_path / "dst", "wb", buffering=0) as dst:
+        copier.copy(src, dst, 1000, 2000)  # 2 + 2 chunks in the kernel, the rest through the buffer
+        copier.copy(src, dst, 10, 5)
+    assert calls == {"copy_file_range": 3, "sendfile": 3} and copier.methods == ["buffer"]
+    assert (tmp_path / "dst").read_bytes() == data[1000:3000] + data[10:15]
+
+
+def test_other_os_errors_are_not_swallowed(tiny_models, tmp_path, monkeypatch):
+    loaded = tiny_models["llama"].load()
+
+    def broken(*args):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(checkpoint, "COPY_METHODS", ("copy_file_range", "buffer"))
+    monkeypatch.setattr(os, "copy_file_range", broken, raising=False)
+    with pytest.raises(OSError, match="I/O error"):
+        rewrite_checkpoint(tiny_models["llama"].path, tmp_path / "out", make_plan([1]), loaded.adapter)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory) -> Path:
+    """A 2-block Llama whose MLP matrices are 8 MiB each (so a whole-tensor read would show)."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(WORDS)
+    kwargs = _text_kwargs(tokenizer, 2) | {"hidden_size": 16, "intermediate_size": 131072}
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    model.config.architectures = ["LlamaForCausalLM"]
+    folder = tmp_path_factory.mktemp("wide") / "llama"
+    return save_source(model, tokenizer, folder, sharded=False)
+
+
+def traced_peak(source: Path, out: Path, chunk_size: int) -> int:
+    adapter = adapter_for_config(LlamaConfig(architectures=["LlamaForCausalLM"]))
+    plan = make_plan([0], num_blocks=2)
+    rewrite_checkpoint(source, out.with_name(out.name + "-warm"), plan, adapter, chunk_size=chunk_size)  # imports, caches
+    tracemalloc.start()
+    try:
+        rewrite_checkpoint(source, out, plan, adapter, chunk_size=chunk_size)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("method", ["buffer", "default"])
+def test_peak_memory_is_bounded_by_the_chunk(wide_llama, tmp_path, monkeypatch, method):
+    if method == "buffer":
+        monkeypatch.setattr(checkpoint, "COPY_METHODS", ("buffer",))
+    tensor_bytes = 16 * 131072 * 4
+    assert max(t.nbytes for t in read_header(wide_llama / "model.safetensors").tensors) == tensor_bytes
+    peak = traced_peak(wide_llama, tmp_path / "small", chunk_size=256 << 10)
+    assert peak < tensor_bytes // 4, f"peak {peak} bytes while copying {tensor_bytes}-byte tensors"
+    if method == "buffer":
+        # Control: the measurement does see the copy buffer (a chunk as big as a tensor shows up).
+        assert traced_peak(wide_llama, tmp_path / "big", chunk_size=tensor_bytes) >= tensor_bytes
