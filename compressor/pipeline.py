@@ -8,15 +8,19 @@ anything, and stage their output so that a failure leaves nothing behind.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .architectures import adapter_for_config
 from .calibrate import CalibrationOptions, CalibrationReport, calibrate
+from .checkpoint import CheckpointResult, rewrite_checkpoint
 from .data import Sample, file_sha256, load_samples
 from .errors import InputError, PlanError
 from .export import ExportResult, export_hf
-from .loading import LoadedModel, load_model
+from .hub import resolve_model_ref
+from .loading import LoadedModel, load_config, load_model
 from .planner import SurgeryPlan, plan
 from .recipe import Conditions, Lowest, Recipe, RecipeFile, Span
 from .staging import refuse_existing, staged_dir
@@ -28,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PruneResult:
     plan: SurgeryPlan
-    export: ExportResult | None  # None for a dry run
+    export: ExportResult | CheckpointResult | None  # None for a dry run
     calibration: CalibrationReport | None
 
 
@@ -112,11 +116,18 @@ def _obtain_report(
     return run_calibration(loaded, data, options, progress=progress)
 
 
+def _surgery_plan(recipe_file: RecipeFile | None, plan_file: Path | str | None) -> SurgeryPlan | None:
+    if (recipe_file is None) == (plan_file is None):
+        raise InputError("Give exactly one of --recipe or --plan.", fix="pass a recipe YAML, or a plan.json from `compressor plan -o`.")
+    return SurgeryPlan.load(plan_file) if plan_file is not None else None
+
+
 def prune(
     model_ref: str,
-    recipe_file: RecipeFile,
     out: Path | str,
     *,
+    recipe_file: RecipeFile | None = None,
+    plan_file: Path | str | None = None,
     data: Path | str | None = None,
     calibration: Path | str | None = None,
     overwrite: bool = False,
@@ -128,38 +139,101 @@ def prune(
 ) -> PruneResult:
     """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``.
 
-    With ``dry_run`` it stops after planning: nothing is written.
+    The blocks come from a recipe (planned here) or from a saved plan. With ``dry_run`` it
+    stops after planning: nothing is written.
     """
+    fixed_plan = _surgery_plan(recipe_file, plan_file)
     if not dry_run:
         refuse_existing(Path(out), overwrite)
     if data is not None and calibration is not None:
         raise InputError("Give either --data or --calibration, not both.", fix="drop one of them.")
     data_path = data_file(recipe_file, data) if calibration is None else None
-    options = calibration_options(recipe_file.recipe, **calibration_overrides)
+    options = calibration_options(recipe_file.recipe if recipe_file else None, **calibration_overrides)
     loaded = load_model(model_ref, device=device, dtype=dtype)
+    if fixed_plan is not None:
+        samples = load_samples(data_path, limit=options.num_samples) if data_path else None
+        report = CalibrationReport.load(calibration) if calibration else None
+        return _prune_loaded(loaded, None, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run, fixed_plan=fixed_plan)
+    assert recipe_file is not None  # guaranteed by _surgery_plan
     report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
     return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run)
 
 
+def prune_out_of_core(
+    model_ref: str,
+    out: Path | str,
+    *,
+    recipe_file: RecipeFile | None = None,
+    plan_file: Path | str | None = None,
+    calibration: Path | str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> PruneResult:
+    """Rewrite the checkpoint's safetensors files without loading the model (no GPU, little RAM).
+
+    The plan comes from a saved plan, an explicit recipe, or a recipe plus an existing
+    calibration report; calibrating needs the model in memory, so it cannot happen here.
+    """
+    fixed_plan = _surgery_plan(recipe_file, plan_file)
+    if not dry_run:
+        refuse_existing(Path(out), overwrite)
+    source = resolve_model_ref(model_ref)
+    config = load_config(source.path)
+    adapter = adapter_for_config(config)
+    report = CalibrationReport.load(calibration) if calibration else None
+    if fixed_plan is None:
+        assert recipe_file is not None  # guaranteed by _surgery_plan
+        if recipe_file.recipe.needs_calibration and report is None:
+            raise PlanError(
+                f"Recipe '{recipe_file.recipe.name}' selects by metric ({recipe_file.recipe.select.op}); "
+                "--out-of-core cannot calibrate, since that needs the model in memory.",
+                fix="run `compressor calibrate MODEL --data D -o calibration.json` first and pass "
+                "--calibration, or use an explicit recipe or a saved --plan.",
+            )
+        fixed_plan = plan(recipe_file.recipe, adapter.num_blocks(config), report)
+    if dry_run:
+        return PruneResult(plan=fixed_plan, export=None, calibration=report)
+    _refuse_empty(fixed_plan)
+    result = rewrite_checkpoint(
+        source.path,
+        out,
+        fixed_plan,
+        adapter,
+        recipe_text=recipe_file.text if recipe_file else None,
+        calibration=report,
+        source=source,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    return PruneResult(plan=fixed_plan, export=result, calibration=report)
+
+
+def _refuse_empty(surgery_plan: SurgeryPlan) -> None:
+    if not surgery_plan.removed:
+        raise PlanError(
+            f"Recipe '{surgery_plan.recipe}' selects no block on this model, so there is nothing to export.",
+            fix="loosen the thresholds in select (see `compressor plan` for the measured values).",
+        )
+
+
 def _prune_loaded(
     loaded: LoadedModel,
-    recipe_file: RecipeFile,
+    recipe_file: RecipeFile | None,
     out: Path | str,
     *,
     report: CalibrationReport | None,
     samples: list[Sample] | None,
     overwrite: bool,
     dry_run: bool = False,
+    fixed_plan: SurgeryPlan | None = None,
 ) -> PruneResult:
-    surgery_plan = plan(recipe_file.recipe, loaded.adapter.num_blocks(loaded.model.config), report)
+    num_blocks = loaded.adapter.num_blocks(loaded.model.config)
+    surgery_plan = fixed_plan or plan(recipe_file.recipe, num_blocks, report)  # type: ignore[union-attr]
     log.debug("%s", surgery_plan.describe())
     if dry_run:
         return PruneResult(plan=surgery_plan, export=None, calibration=report)
-    if not surgery_plan.removed:
-        raise PlanError(
-            f"Recipe '{recipe_file.recipe.name}' selects no block on this model, so there is nothing to export.",
-            fix="loosen the thresholds in select (see `compressor plan` for the measured values).",
-        )
+    _refuse_empty(surgery_plan)
     params_before = count_parameters(loaded.model)
     apply_plan(loaded.model, surgery_plan, loaded.adapter)
     exported = export_hf(
@@ -170,7 +244,7 @@ def _prune_loaded(
         plan=surgery_plan,
         params_before=params_before,
         source=loaded.source,
-        recipe_text=recipe_file.text,
+        recipe_text=recipe_file.text if recipe_file else None,
         calibration=report,
         samples=samples,
         overwrite=overwrite,

@@ -330,3 +330,46 @@ def test_recipe_carries_model_and_data(tmp_path, tiny_models, capsys):
     assert report["data"]["num_samples"] == 4 and report["data"]["path"] == str((tmp_path / "calib.jsonl").resolve())
     assert 0.3 in report["options"]["epsilons"]  # measured because the recipe selects on it
     expect_usage_error(capsys, ["run", RECIPES / "explicit.yaml", "-o", tmp_path / "x"], "No model given", tmp_path)
+
+
+def test_out_of_core_matches_in_memory(tmp_path, tiny_models, capsys):
+    from safetensors import safe_open
+
+    tiny = tiny_models["llava"]
+    report = tmp_path / "calibration.json"
+    assert run_cli(capsys, "calibrate", tiny.path, "--data", tiny.data, "-o", report)[0] == 0
+    args = ["--recipe", RECIPES / "shortgpt.yaml", "--calibration", report]
+    code, out, err = run_cli(capsys, "prune", tiny.path, *args, "-o", tmp_path / "ooc", "--out-of-core")
+    assert code == 0, err
+    assert "out of core" in out
+    assert run_cli(capsys, "prune", tiny.path, *args, "-o", tmp_path / "mem")[0] == 0
+    with safe_open(tmp_path / "ooc" / "model.safetensors", "pt") as a, safe_open(tmp_path / "mem" / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
+    plans = [json.loads((tmp_path / d / "plan.json").read_text())["removed"] for d in ("ooc", "mem")]
+    assert plans[0] == plans[1]
+
+    # A saved plan applied to the folder, in memory and out of core.
+    plan_file = tmp_path / "plan.json"
+    assert run_cli(capsys, "plan", "--recipe", RECIPES / "explicit.yaml", "--model", tiny.path, "-o", plan_file)[0] == 0
+    code, _, err = run_cli(capsys, "prune", tiny.path, "--plan", plan_file, "-o", tmp_path / "from-plan", "--out-of-core")
+    assert code == 0, err
+    assert json.loads((tmp_path / "from-plan" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
+    code, _, err = run_cli(capsys, "prune", tiny.path, "--plan", plan_file, "-o", tmp_path / "from-plan-mem")
+    assert code == 0, err
+
+
+def test_out_of_core_refusals(tmp_path, tiny_models, capsys):
+    tiny = tiny_models["llama"]
+    out = tmp_path / "out"
+    expect_usage_error(
+        capsys, ["prune", tiny.path, "--recipe", RECIPES / "shortgpt.yaml", "-o", out, "--out-of-core"], "cannot calibrate", tmp_path, out
+    )
+    expect_usage_error(
+        capsys,
+        ["prune", tiny.path, "--recipe", RECIPES / "shortgpt.yaml", "--data", tiny.data, "-o", out, "--out-of-core"],
+        "cannot calibrate on --data",
+        tmp_path,
+        out,
+    )
+    expect_usage_error(capsys, ["prune", tiny.path, "-o", out], "exactly one of --recipe or --plan", tmp_path, out)

@@ -29,8 +29,7 @@ TEXT_HIDDEN = 256
 VISION_HIDDEN = 128
 
 
-def build_demo_config(vocab_size: int, image_token_id: int, pad_token_id: int,
-                      bos_token_id: int, eos_token_id: int) -> LlavaConfig:
+def build_demo_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int, eos_token_id: int) -> LlavaConfig:
     """The demo model's configuration, sized to train in minutes on a CPU."""
     vision = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
@@ -65,9 +64,7 @@ def build_demo_config(vocab_size: int, image_token_id: int, pad_token_id: int,
     )
 
 
-def build_demo_model(
-    vocab_words: Iterable[str], seed: int
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_demo_model(vocab_words: Iterable[str], seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A freshly initialised demo model (deterministic in ``seed``) and its processor."""
     tokenizer = build_tokenizer(vocab_words)
     processor = build_llava_processor(tokenizer, image_size=IMAGE_SIZE, patch_size=CELL)

@@ -79,8 +79,7 @@ MASKS = _shape_masks()
 
 def vocabulary() -> list[str]:
     """Every word a prompt or an answer of this task uses (punctuation included)."""
-    words = {"how", "many", "shapes", "are", "there", "what", "color", "is", "the", "shape",
-             "one", "a", "yes", "no", "?"}
+    words = {"how", "many", "shapes", "are", "there", "what", "color", "is", "the", "shape", "one", "a", "yes", "no", "?"}
     words.update(COLORS, SHAPES, PLURAL.values(), NUMBERS)
     return sorted(words)
 
@@ -90,7 +89,7 @@ def render(scene: Scene) -> Image.Image:
     pixels = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for cell, color, shape in scene:
         top, left = divmod(cell, GRID)
-        block = pixels[top * CELL:(top + 1) * CELL, left * CELL:(left + 1) * CELL]
+        block = pixels[top * CELL : (top + 1) * CELL, left * CELL : (left + 1) * CELL]
         block[MASKS[shape]] = COLORS[color]
     return Image.fromarray(pixels)
 
@@ -99,10 +98,7 @@ def random_scene(rng: np.random.Generator) -> Scene:
     count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     cells = sorted(rng.choice(GRID * GRID, size=count, replace=False).tolist())
     colors = list(COLORS)
-    return tuple(
-        (cell, colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))])
-        for cell in cells
-    )
+    return tuple((cell, colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))]) for cell in cells)
 
 
 def _count_all(scene: Scene, rng: np.random.Generator) -> Question | None:
@@ -194,16 +190,11 @@ def _write_split(out_dir: Path, name: str, items: list[tuple[Scene, Question]]) 
     return jsonl
 
 
-def generate_dataset(
-    out_dir: Path, *, seed: int, n_train: int, n_calibration: int, n_eval: int
-) -> DemoSplits:
+def generate_dataset(out_dir: Path, *, seed: int, n_train: int, n_calibration: int, n_eval: int) -> DemoSplits:
     """Write the three splits (PNG images + JSONL) into ``out_dir``; deterministic in ``seed``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stream = _samples(np.random.default_rng(seed))
     sizes = {"train": n_train, "calibration": n_calibration, "eval": n_eval}
-    paths = {
-        name: _write_split(out_dir, name, [next(stream) for _ in range(size)])
-        for name, size in sizes.items()
-    }
+    paths = {name: _write_split(out_dir, name, [next(stream) for _ in range(size)]) for name, size in sizes.items()}
     logger.info("wrote demo dataset to %s (%s)", out_dir, sizes)
     return DemoSplits(**paths)
