@@ -26,6 +26,7 @@ demo: install
 
 bench: install
 	$(BIN)/python -m compressor.bench
+	$(BIN)/python -m compressor.bench_checkpoint
 
 lint: install
 	$(BIN)/ruff check compressor tests
