@@ -98,3 +98,99 @@ def answer_accuracy(model: Any, processor: Any, samples: list[Sample], *, batch_
             )
         )
     return result
+
+
+def _answer_logprobs(model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (B, T-1, V) of each next token, and the mask of answer targets."""
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    logits = model(**batch.inputs, use_cache=False).logits.float()
+    return torch.log_softmax(logits[:, :-1], dim=-1), batch.answer_mask[:, 1:]
+
+
+@torch.no_grad()
+def choice_accuracy(model: Any, processor: Any, samples: list[Sample], *, batch_size: int = 16) -> dict[str, Any]:
+    """Multiple choice by log-likelihood: the choice whose tokens the model finds most likely."""
+    labelled = [s for s in samples if s.choices]
+    if not labelled:
+        return {"n": 0, "accuracy": None, "samples": []}
+    # One row per (sample, choice), scored teacher-forced as if the choice were the answer.
+    rows = [(i, choice) for i, s in enumerate(labelled) for choice in s.choices or ()]
+    scores: dict[tuple[int, str], float] = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = build_batch(
+            processor,
+            [Sample(prompt=labelled[i].prompt, answer=c, image=labelled[i].image) for i, c in chunk],
+            with_answer=True,
+        )
+        logprobs, targets_mask = _answer_logprobs(model, batch)
+        targets = batch.inputs["input_ids"][:, 1:].to(logprobs.device)
+        token_logprobs = logprobs.gather(-1, targets[..., None])[..., 0]
+        for row, key in enumerate(chunk):
+            scores[key] = float(token_logprobs[row][targets_mask[row]].sum())
+    records = []
+    for i, sample in enumerate(labelled):
+        best = max(sample.choices or (), key=lambda c: scores[(i, c)])
+        records.append({"prompt": sample.prompt, "answer": sample.answer, "prediction": best, "correct": best == sample.answer})
+    return {"n": len(records), "accuracy": sum(r["correct"] for r in records) / len(records), "samples": records}
+
+
+@torch.no_grad()
+def perplexity(model: Any, processor: Any, samples: list[Sample], *, batch_size: int = 16) -> dict[str, Any]:
+    """Perplexity of the text-only samples (prompt and answer as formatted), over every token."""
+    texts = [s for s in samples if s.image is None]
+    if not texts:
+        return {"n": 0, "perplexity": None}
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = build_batch(processor, texts[start : start + batch_size], with_answer=True).to(device)
+        logits = model(**batch.inputs, use_cache=False).logits.float()
+        targets = batch.inputs["input_ids"][:, 1:]
+        valid = batch.inputs["attention_mask"][:, 1:].bool() & batch.inputs["attention_mask"][:, :-1].bool()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1][valid], targets[valid], reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int(valid.sum())
+    return {"n": len(texts), "tokens": total_tokens, "perplexity": float(torch.exp(torch.tensor(total_nll / total_tokens)))}
+
+
+@torch.no_grad()
+def fidelity(base: Any, pruned: Any, processor: Any, samples: list[Sample], *, batch_size: int = 16) -> dict[str, Any]:
+    """How closely the pruned model's next-token distributions follow the original's.
+
+    Teacher-forced on the reference answers: at every answer position (or, for samples
+    without an answer, the position that predicts the first answer token), KL(base || pruned)
+    of the next-token distributions and whether both put the same token first. Labels are
+    not needed: this measures drift from the original, not correctness.
+    """
+    kl_sum, agree, positions = 0.0, 0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = build_batch(processor, chunk, with_answer=True)
+        if not batch.answer_mask.any():
+            # No answers: compare the distribution for the first token after each prompt.
+            batch = build_batch(processor, chunk, with_answer=False, padding_side="left")
+            batch.answer_mask[:, -1] = True
+            targets_mask = batch.answer_mask
+            p, q = (_last_logprobs(m, batch) for m in (base, pruned))
+        else:
+            p, targets_mask = _answer_logprobs(base, batch)
+            q, _ = _answer_logprobs(pruned, batch)
+            q = q.to(p.device)
+            targets_mask = targets_mask.to(p.device)
+        p, q = p[targets_mask], q[targets_mask]
+        kl_sum += float((p.exp() * (p - q)).sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        positions += int(targets_mask.sum())
+    return {
+        "n_positions": positions,
+        "kl_mean": kl_sum / positions if positions else None,
+        "top1_agreement": agree / positions if positions else None,
+    }
+
+
+def _last_logprobs(model: Any, batch: Any) -> torch.Tensor:
+    device = next(model.parameters()).device
+    logits = model(**batch.to(device).inputs, use_cache=False).logits.float()
+    return torch.log_softmax(logits, dim=-1).cpu()

@@ -316,6 +316,93 @@ def _report_prune(result: Any) -> None:
         )
 
 
+@cli.command("validate")
+@click.option("--base", required=True, help="The original model (folder or Hub id).")
+@click.option("--pruned", required=True, help="The pruned checkpoint folder.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation JSONL.")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    type=click.Choice(["vqa", "multiple_choice", "perplexity", "fidelity"]),
+    help="Tasks to run (repeatable) [every task the data supports].",
+)
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help="Gate: absolute accuracy drop, 0.05 = 5 points.")
+@click.option("--max-relative-drop", type=click.FloatRange(0, 1), help="Gate: drop as a fraction of the original accuracy.")
+@click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: every workload at least this much faster.")
+@click.option(
+    "--recipe", type=click.Path(path_type=Path), help="Take gates from this recipe's validate: [the pruned folder's recipe.yaml]."
+)
+@click.option("--num-samples", type=click.IntRange(min=1), help="Use the first N samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--no-latency", is_flag=True, help="Skip latency measurements.")
+@click.option(
+    "--prompt-length", "prompt_lengths", type=click.IntRange(min=1), multiple=True, help="Prefill prompt length (repeatable) [64 256]."
+)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=32, show_default=True, help="Tokens per decode measurement.")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed repeats per workload.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Report folder (report.json/.md/.html).")
+@click.option("--junit", type=click.Path(path_type=Path), help="Also write the gates as JUnit XML.")
+@click.option("--overwrite", is_flag=True)
+@_device_options
+@_verbosity
+@click.pass_context
+def validate_command(
+    ctx: click.Context,
+    base: str,
+    pruned: str,
+    data: Path,
+    tasks: tuple[str, ...],
+    max_accuracy_drop: float | None,
+    max_relative_drop: float | None,
+    min_speedup: float | None,
+    recipe: Path | None,
+    num_samples: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    no_latency: bool,
+    prompt_lengths: tuple[int, ...],
+    new_tokens: int,
+    repeats: int,
+    output: Path,
+    junit: Path | None,
+    overwrite: bool,
+    device: str,
+    dtype: str,
+) -> None:
+    """Compare a pruned model with its original: accuracy, fidelity, latency; exit 1 when a gate fails."""
+    from .validate import TASKS, thresholds_from_recipe, validate
+
+    pruned_dir = Path(pruned)
+    gates = thresholds_from_recipe(pruned_dir, recipe).override(
+        max_accuracy_drop=max_accuracy_drop, max_relative_drop=max_relative_drop, min_speedup=min_speedup
+    )
+    latency_options = {"new_tokens": new_tokens, "repeats": repeats}
+    if prompt_lengths:
+        latency_options["prompt_lengths"] = prompt_lengths
+    result = validate(
+        base,
+        pruned,
+        data,
+        output,
+        gates=gates,
+        tasks=tasks or TASKS,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        latency=not no_latency,
+        latency_options=latency_options,
+        device=device,
+        dtype=dtype,
+        overwrite=overwrite,
+        junit=junit,
+    )
+    log.info("%s\nreport: %s/report.{json,md,html}", result.report["verdict"]["summary"], result.out_dir)
+    click.echo(result.verdict_line())
+    ctx.exit(0 if result.passed else 1)
+
+
 @cli.command("demo")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("exports/demo"), show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe to apply [the recommended shipped one].")
@@ -366,7 +453,7 @@ def arch_list() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map failures to exit codes (2 usage, 1 gate/bug)."""
     try:
-        cli.main(args=argv, prog_name="compressor", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="compressor", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -386,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"internal error: {type(error).__name__}: {error}\n(run again with -v for the traceback)", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry_point() -> None:

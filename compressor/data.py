@@ -27,6 +27,7 @@ class Sample:
     prompt: str
     answer: str | None = None
     image: Path | None = None
+    choices: tuple[str, ...] | None = None  # multiple choice: `answer` is one of them
 
 
 @dataclass
@@ -87,9 +88,9 @@ def _parse_line(line: str, base: Path) -> Sample:
         raise ValueError(f"not valid JSON ({error.msg})") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
-    unknown = set(record) - {"prompt", "answer", "image"}
+    unknown = set(record) - {"prompt", "answer", "image", "choices"}
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: prompt, answer, image")
+        raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: prompt, answer, image, choices")
     prompt, answer, image = record.get("prompt"), record.get("answer"), record.get("image")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("'prompt' must be a non-empty string")
@@ -102,7 +103,14 @@ def _parse_line(line: str, base: Path) -> Sample:
         image_path = (base / image).resolve()
         if not image_path.is_file():
             raise ValueError(f"image '{image}' not found (looked for {image_path})")
-    return Sample(prompt=prompt, answer=answer, image=image_path)
+    choices = record.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError("'choices' must be a list of at least two non-empty strings")
+        if answer not in choices:
+            raise ValueError("with 'choices', 'answer' must be one of them")
+        choices = tuple(choices)
+    return Sample(prompt=prompt, answer=answer, image=image_path, choices=choices)
 
 
 def tokenizer_of(processor: Any) -> Any:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,7 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
 # sorted by cell, which is also its identity for keeping the splits disjoint.
 Obj = tuple[int, str, str]
 Scene = tuple[Obj, ...]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,23 @@ class DemoSplits:
 
 @dataclass(frozen=True)
 class Question:
+    """One question about a scene.
+
+    The answer repeats the question's subject before the value ("red shapes two", "circle
+    red"): the value is then predicted at the position of the words it depends on, so the
+    model reads the question there directly instead of first learning to fetch it from
+    across the prompt. Without this echo, a model this small sits on the answer priors
+    for minutes; with it, question-conditioned counting is learnt in a few hundred steps.
+    """
+
     task: str
     prompt: str
-    answer: str
+    subject: str
+    value: str
+
+    @property
+    def answer(self) -> str:
+        return f"{self.subject} {self.value}"
 
 
 def _shape_masks() -> dict[str, np.ndarray]:
@@ -94,6 +110,10 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
+    return options[int(rng.integers(len(options)))]
+
+
 def random_scene(rng: np.random.Generator) -> Scene:
     count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     cells = sorted(rng.choice(GRID * GRID, size=count, replace=False).tolist())
@@ -102,19 +122,26 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 
 def _count_all(scene: Scene, rng: np.random.Generator) -> Question | None:
-    return Question("count_all", "how many shapes are there ?", NUMBERS[len(scene)])
+    return Question("count_all", "how many shapes are there ?", "shapes", NUMBERS[len(scene)])
 
 
 def _count_color(scene: Scene, rng: np.random.Generator) -> Question | None:
-    color = list(COLORS)[int(rng.integers(len(COLORS)))]
+    color = _pick(rng, list(COLORS))
     n = sum(c == color for _, c, _ in scene)
-    return Question("count_color", f"how many {color} shapes are there ?", NUMBERS[n])
+    return Question("count_color", f"how many {color} shapes are there ?", f"{color} shapes", NUMBERS[n])
 
 
 def _count_shape(scene: Scene, rng: np.random.Generator) -> Question | None:
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    shape = _pick(rng, SHAPES)
     n = sum(s == shape for _, _, s in scene)
-    return Question("count_shape", f"how many {PLURAL[shape]} are there ?", NUMBERS[n])
+    return Question("count_shape", f"how many {PLURAL[shape]} are there ?", PLURAL[shape], NUMBERS[n])
+
+
+def _count_both(scene: Scene, rng: np.random.Generator) -> Question | None:
+    color, shape = _pick(rng, list(COLORS)), _pick(rng, SHAPES)
+    n = sum(c == color and s == shape for _, c, s in scene)
+    subject = f"{color} {PLURAL[shape]}"
+    return Question("count_both", f"how many {subject} are there ?", subject, NUMBERS[n])
 
 
 def _color_of(scene: Scene, rng: np.random.Generator) -> Question | None:
@@ -122,16 +149,16 @@ def _color_of(scene: Scene, rng: np.random.Generator) -> Question | None:
     unique = [(c, s) for _, c, s in scene if sum(s2 == s for _, _, s2 in scene) == 1]
     if not unique:
         return None
-    color, shape = unique[int(rng.integers(len(unique)))]
-    return Question("color_of", f"what color is the {shape} ?", color)
+    color, shape = _pick(rng, unique)
+    return Question("color_of", f"what color is the {shape} ?", shape, color)
 
 
 def _shape_of(scene: Scene, rng: np.random.Generator) -> Question | None:
     unique = [(c, s) for _, c, s in scene if sum(c2 == c for _, c2, _ in scene) == 1]
     if not unique:
         return None
-    color, shape = unique[int(rng.integers(len(unique)))]
-    return Question("shape_of", f"what shape is the {color} one ?", shape)
+    color, shape = _pick(rng, unique)
+    return Question("shape_of", f"what shape is the {color} one ?", color, shape)
 
 
 def _exists(scene: Scene, rng: np.random.Generator) -> Question | None:
@@ -140,9 +167,8 @@ def _exists(scene: Scene, rng: np.random.Generator) -> Question | None:
     present = sorted({(c, s) for _, c, s in scene})
     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
     want_yes = bool(rng.integers(2))
-    pool = present if want_yes else absent
-    color, shape = pool[int(rng.integers(len(pool)))]
-    return Question("exists", f"is there a {color} {shape} ?", "yes" if want_yes else "no")
+    color, shape = _pick(rng, present if want_yes else absent)
+    return Question("exists", f"is there a {color} {shape} ?", f"{color} {shape}", "yes" if want_yes else "no")
 
 
 QUESTION_TYPES: dict[str, Callable[[Scene, np.random.Generator], Question | None]] = {
@@ -150,6 +176,7 @@ QUESTION_TYPES: dict[str, Callable[[Scene, np.random.Generator], Question | None
     "count_color": _count_color,
     "count_shape": _count_shape,
     "color_of": _color_of,
+    "count_both": _count_both,
     "shape_of": _shape_of,
     "exists": _exists,
 }
