@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     where = f"GPU {env['gpu']}" if env["gpu"] else f"CPU ({env['cpu_threads']} threads; labelled cpu timing)"
     params = base["model"]["params"]
     print(f"device: {where}; {env['dtype']}; timer: {env['timer']}; torch {env['torch']}, transformers {env['transformers']}")
-    print(f"model: {what}; {params / 1e6:.0f} M params; removed blocks {removed} of {num_blocks}")
+    print(f"model: {what}; {params / 1e6:.1f} M params; removed blocks {removed} of {num_blocks}")
     print(f"protocol: 2 warm-up, median of {repeats} repeats; decode = greedy, exactly {new_tokens} new tokens")
     rows = _table(comparison, base, pruned)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

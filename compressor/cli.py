@@ -329,7 +329,7 @@ def _report_prune(result: Any) -> None:
 )
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help="Gate: absolute accuracy drop, 0.05 = 5 points.")
 @click.option("--max-relative-drop", type=click.FloatRange(0, 1), help="Gate: drop as a fraction of the original accuracy.")
-@click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: every workload at least this much faster.")
+@click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: median speedup over the latency workloads.")
 @click.option(
     "--recipe", type=click.Path(path_type=Path), help="Take gates from this recipe's validate: [the pruned folder's recipe.yaml]."
 )

@@ -35,6 +35,7 @@ class Section:
     tables: list[tuple[str, Table]] = field(default_factory=list)  # (caption, table)
     plots: list[str] = field(default_factory=list)  # names in render_plots()
     notes: list[str] = field(default_factory=list)  # small print after the tables
+    folded: bool = False  # long reference tables: collapsed in a PR comment (<details>)
 
 
 # -- number formatting ----------------------------------------------------------------------
@@ -346,7 +347,7 @@ def _redundancy(report: dict[str, Any]) -> Section | None:
     series = _calibration_series(report.get("calibration"))
     if not series:
         return None
-    section = Section("Per-block redundancy (calibration)", plots=["redundancy"])
+    section = Section("Per-block redundancy (calibration)", plots=["redundancy"], folded=True)
     labels = [label for label, _ in series]
     rows = []
     count = max(len(values) for _, values in series)
@@ -367,7 +368,7 @@ def _environment(report: dict[str, Any]) -> Section | None:
     if not env:
         return None
     rows = [[key, _num(value)] for key, value in env.items()]
-    return Section("Environment", tables=[("", Table(["", "value"], rows, "ll"))])
+    return Section("Environment", tables=[("", Table(["", "value"], rows, "ll"))], folded=True)
 
 
 def sections(report: dict[str, Any]) -> list[Section]:
@@ -394,6 +395,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines: list[str] = []
     for section in sections(report):
         lines += ["#" * section.level + " " + section.title, ""]
+        if section.folded:
+            lines += ["<details><summary>show table</summary>", ""]  # blank line: GitHub renders markdown inside
         for paragraph in section.paragraphs:
             lines += [paragraph, ""]
         for caption, table in section.tables:
@@ -402,6 +405,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [*_md_table(table), ""]
         for note in section.notes:
             lines += [f"<sub>{note}</sub>", ""]
+        if section.folded:
+            lines += ["</details>", ""]
     lines.append("<sub>Plots: see report.html.</sub>")
     return "\n".join(lines) + "\n"
 
@@ -468,6 +473,8 @@ def html_document(report: dict[str, Any], plots: dict[str, bytes] | None = None)
             if name in plots:
                 data = base64.b64encode(plots[name]).decode("ascii")
                 body.append(f'<p><img alt="{name} plot" src="data:image/png;base64,{data}"></p>')
+        if section.folded:
+            body.append("<details><summary>show table</summary>")
         for caption, table in section.tables:
             align = table.align or "l" + "r" * (len(table.headers) - 1)
             rows = ["<tr>" + "".join(f'<th class="{a}">{_inline(h)}</th>' for h, a in zip(table.headers, align)) + "</tr>"]
@@ -475,6 +482,8 @@ def html_document(report: dict[str, Any], plots: dict[str, bytes] | None = None)
             cap = f"<caption>{_inline(caption)}</caption>" if caption else ""
             body.append(f"<table>{cap}{''.join(rows)}</table>")
         body += [f"<small>{_inline(n)}</small>" for n in section.notes]
+        if section.folded:
+            body.append("</details>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
@@ -547,16 +556,18 @@ def _accuracy_plot(report: dict[str, Any]) -> bytes | None:
         base = [scale * t["base"] for _, t in panel]
         pruned = [scale * (t.get("pruned") or 0) for _, t in panel]
         xs = range(len(names))
-        axis.bar([x - 0.2 for x in xs], base, 0.4, label="base", color="tab:blue")
-        bars = axis.bar([x + 0.2 for x in xs], pruned, 0.4, label="pruned", color="tab:orange")
-        axis.bar_label(bars, fmt="%.3g", fontsize=8)
+        for offset, values, label, color in ((-0.2, base, "base", "tab:blue"), (0.2, pruned, "pruned", "tab:orange")):
+            bars = axis.bar([x + offset for x in xs], values, 0.4, label=label, color=color)
+            axis.bar_label(bars, fmt="%.3g", fontsize=8)
         axis.set_xticks(list(xs), names)
         axis.set_ylabel("lower is better" if panel is lower else "accuracy (%)")
+        # Headroom above the bars for the legend and the value labels.
+        axis.set_ylim(0, 1.3 * max([*base, *pruned, 1e-9]) if panel is lower else 130)
         if panel is scored:
-            axis.set_ylim(0, 105)
+            axis.set_yticks(range(0, 101, 20))
             if fidelity is not None:
                 axis.set_title(f"top-1 agreement with base: {100 * fidelity:.1f} %", fontsize=9)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, ncol=2, loc="upper center")
         axis.grid(axis="y", alpha=0.3)
     return _png(figure)
 
@@ -588,7 +599,8 @@ def _latency_plot(report: dict[str, Any]) -> bytes | None:
         axis.set_xticks(list(xs), [_workload(base[phase][k], k).replace(", ", "\n", 1) for k in keys], fontsize=8)
         axis.set_ylabel(label)
         axis.set_title(f"{phase} (bars: pruned speedup)", fontsize=10)
-        axis.legend(fontsize=8)
+        axis.set_ylim(0, 1.3 * max([*b, *p, 1e-9]))
+        axis.legend(fontsize=8, ncol=2, loc="upper center")
         axis.grid(axis="y", alpha=0.3)
     return _png(figure)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ class Gates:
     """Release thresholds; None means not gated.
 
     ``max_accuracy_drop`` is absolute (0.05 = five points of accuracy), ``max_relative_drop``
-    is the drop as a fraction of the original accuracy, ``min_speedup`` holds when every
-    measured workload (each prefill and decode setting) got at least that much faster.
+    is the drop as a fraction of the original accuracy, ``min_speedup`` holds when the median
+    speedup over the measured workloads (each prefill and decode setting) reaches it.
     """
 
     max_accuracy_drop: float | None = None
@@ -116,20 +117,18 @@ def evaluate_gates(report: dict[str, Any], gates: Gates) -> dict[str, Any]:
                 )
             )
     if gates.min_speedup is not None:
+        # The median over workloads: one noisy workload (a shared CPU, a tiny model) must not
+        # decide the release; the slowest one is named in the detail.
         speedups = _speedups(report.get("latency"))
-        worst = min(speedups.values()) if speedups else None
+        typical = statistics.median(speedups.values()) if speedups else None
         which = min(speedups, key=speedups.get) if speedups else "no workload"
-        results.append(
-            _gate(
-                "min_speedup",
-                ">=",
-                gates.min_speedup,
-                worst,
-                f"slowest gain {worst:.2f}x ({which}); every workload must reach {gates.min_speedup:.2f}x"
-                if worst is not None
-                else "no latency was measured",
-            )
+        detail = (
+            f"median speedup {typical:.2f}x over {len(speedups)} workloads (slowest {speedups[which]:.2f}x, {which}); "
+            f"needs {gates.min_speedup:.2f}x"
+            if typical is not None
+            else "no latency was measured"
         )
+        results.append(_gate("min_speedup", ">=", gates.min_speedup, typical, detail))
     passed = all(g["passed"] for g in results)
     failed = [g["name"] for g in results if not g["passed"]]
     summary = f"PASS: {len(results)} gate(s) held" if passed else f"FAIL: {', '.join(failed)}"
