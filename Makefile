@@ -27,6 +27,7 @@ demo: install
 bench: install
 	$(BIN)/python -m compressor.bench
 	$(BIN)/python -m compressor.bench_checkpoint
+	$(BIN)/python -m compressor.bench_latency
 
 lint: install
 	$(BIN)/ruff check compressor tests
