@@ -274,15 +274,28 @@ def prune_command(
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--model", help="Model folder or Hub id [recipe's `model:`].")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration JSONL [recipe's calibration.data].")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Evaluation JSONL: validate and gate [recipe's validate.data].")
+@click.option("--no-latency", is_flag=True, help="Validate accuracy only.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder for everything of the run.")
 @click.option("--overwrite", is_flag=True)
 @_calibration_options
 @_device_options
 @_verbosity
+@click.pass_context
 def run_command(
-    recipe: Path, model: str | None, data: Path | None, output: Path, overwrite: bool, device: str, dtype: str, **kwargs: Any
+    ctx: click.Context,
+    recipe: Path,
+    model: str | None,
+    data: Path | None,
+    eval_data: Path | None,
+    no_latency: bool,
+    output: Path,
+    overwrite: bool,
+    device: str,
+    dtype: str,
+    **kwargs: Any,
 ) -> None:
-    """Run the whole chain RECIPE describes: calibrate → plan → prune → export."""
+    """Run the whole chain RECIPE describes: calibrate → plan → prune → export (→ validate)."""
     from .pipeline import run
     from .recipe import load_recipe
 
@@ -291,6 +304,8 @@ def run_command(
         output,
         model_ref=model,
         data=data,
+        eval_data=eval_data,
+        validate_options={"latency": not no_latency},
         overwrite=overwrite,
         device=device,
         dtype=dtype,
@@ -298,6 +313,10 @@ def run_command(
         **_overrides(kwargs),
     )
     _report_prune(result)
+    if result.validation is not None:
+        log.info("validation report: %s/report.{json,md,html}", result.validation.out_dir)
+        click.echo(result.validation.verdict_line())
+        ctx.exit(0 if result.validation.passed else 1)
 
 
 def _report_prune(result: Any) -> None:

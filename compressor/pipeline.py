@@ -34,6 +34,7 @@ class PruneResult:
     plan: SurgeryPlan
     export: ExportResult | CheckpointResult | None  # None for a dry run
     calibration: CalibrationReport | None
+    validation: Any = None  # a validate.ValidationResult when the run validated
 
 
 def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationOptions:
@@ -258,6 +259,8 @@ def run(
     *,
     model_ref: str | None = None,
     data: Path | str | None = None,
+    eval_data: Path | str | None = None,
+    validate_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     device: str | None = "cpu",
     dtype: str | None = "auto",
@@ -266,7 +269,9 @@ def run(
 ) -> PruneResult:
     """The whole chain a recipe describes, everything of the run under ``out``.
 
-    Layout: ``out/calibration.json`` (when calibrated), ``out/plan.json``, ``out/hf/``.
+    Layout: ``out/calibration.json`` (when calibrated), ``out/plan.json``, ``out/hf/``, and
+    ``out/report/`` when there is evaluation data (``eval_data`` or the recipe's
+    ``validate.data``): the validation report, gated by the recipe's thresholds.
     """
     model_ref = model_ref or recipe_file.recipe.model
     if model_ref is None:
@@ -277,6 +282,11 @@ def run(
     refuse_existing(Path(out), overwrite)
     options = calibration_options(recipe_file.recipe, **calibration_overrides)
     data_path = data_file(recipe_file, data)
+    thresholds = recipe_file.recipe.thresholds
+    if eval_data is None and thresholds is not None and thresholds.data:
+        eval_data = recipe_file.resolve(thresholds.data)
+    if eval_data is not None and not Path(eval_data).is_file():
+        raise InputError(f"Evaluation data '{eval_data}' does not exist.", fix="pass an existing JSONL file.")
     loaded = load_model(model_ref, device=device, dtype=dtype)
     with staged_dir(out, overwrite=overwrite) as staging:
         report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=None, options=options, progress=progress)
@@ -287,4 +297,18 @@ def run(
         (staging / "recipe.yaml").write_text(recipe_file.text)
     final = Path(out).resolve() / "hf"
     result.export = replace(result.export, path=final)
+    if eval_data is not None:
+        from .validate import thresholds_from_recipe, validate
+
+        del loaded  # the validation loads both models afresh, from their folders
+        result.validation = validate(
+            model_ref,
+            str(final),
+            eval_data,
+            Path(out) / "report",
+            gates=thresholds_from_recipe(final, None),
+            device=device,
+            dtype=dtype,
+            **(validate_options or {}),
+        )
     return result

@@ -132,6 +132,7 @@ class CalibrationDefaults(_Strict):
 class ValidateThresholds(_Strict):
     """Release gates used by `compressor validate` (the CLI's values win)."""
 
+    data: str | None = Field(None, description="evaluation JSONL for `compressor run`, relative to the recipe")
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     max_relative_drop: float | None = Field(None, ge=0, le=1)
     min_speedup: float | None = Field(None, gt=0)

@@ -126,3 +126,17 @@ def test_multiple_choice_perplexity_and_fidelity_on_a_known_model(tiny_models):
     same = accuracy.fidelity(model, model, tokenizer, text)
     assert same["kl_mean"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
     assert same["n_positions"] == 4  # "one two three" and the end-of-turn token
+
+
+def test_run_validates_when_given_evaluation_data(tiny_models, tmp_path, capsys):
+    tiny = tiny_models["llama"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: t\nselect: {op: explicit, blocks: [3]}\nvalidate: {max_accuracy_drop: 1.0}\n")
+    out = tmp_path / "run"
+    code = cli.main(["-q", "run", str(recipe), "--model", str(tiny.path), "--eval", str(tiny.data), "--no-latency", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.strip().splitlines()[-1].startswith("compressor-verdict: PASS max_accuracy_drop=")
+    assert (out / "report" / "report.json").is_file() and (out / "hf" / "model.safetensors").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["latency"] is None and report["gates"] == {"max_accuracy_drop": 1.0}
