@@ -434,6 +434,7 @@ def demo_command(output: Path, recipe: Path | None, retrain: bool, overwrite: bo
 
     summary = run_demo(output, recipe=recipe, retrain=retrain, overwrite=overwrite, progress=_progress())
     click.echo(summary.describe())
+    click.echo(summary.verdict_line)
 
 
 @cli.group("arch")

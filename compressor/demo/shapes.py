@@ -61,8 +61,7 @@ class DemoSplits:
 class Question:
     """One question about a scene.
 
-    The answer repeats the question's subject before the value ("red shapes two", "circle
-    red"): the value is then predicted at the position of the words it depends on, so the
+    The answer repeats the question's subject before the value ("red two", "circle red"): the value is then predicted at the position of the words it depends on, so the
     model reads the question there directly instead of first learning to fetch it from
     across the prompt. Without this echo, a model this small sits on the answer priors
     for minutes; with it, question-conditioned counting is learnt in a few hundred steps.
@@ -128,7 +127,7 @@ def _count_all(scene: Scene, rng: np.random.Generator) -> Question | None:
 def _count_color(scene: Scene, rng: np.random.Generator) -> Question | None:
     color = _pick(rng, list(COLORS))
     n = sum(c == color for _, c, _ in scene)
-    return Question("count_color", f"how many {color} shapes are there ?", f"{color} shapes", NUMBERS[n])
+    return Question("count_color", f"how many {color} shapes are there ?", color, NUMBERS[n])
 
 
 def _count_shape(scene: Scene, rng: np.random.Generator) -> Question | None:
