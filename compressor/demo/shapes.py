@@ -137,7 +137,11 @@ def _count_shape(scene: Scene, rng: np.random.Generator) -> Question | None:
 
 
 def _count_both(scene: Scene, rng: np.random.Generator) -> Question | None:
-    color, shape = _pick(rng, list(COLORS)), _pick(rng, SHAPES)
+    # Half the time a pair that is present: asked blindly, most answers would be "zero".
+    if rng.integers(2):
+        _, color, shape = _pick(rng, scene)
+    else:
+        color, shape = _pick(rng, list(COLORS)), _pick(rng, SHAPES)
     n = sum(c == color and s == shape for _, c, s in scene)
     subject = f"{color} {PLURAL[shape]}"
     return Question("count_both", f"how many {subject} are there ?", subject, NUMBERS[n])
