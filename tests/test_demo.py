@@ -11,7 +11,7 @@ from compressor.demo import train as demo_train
 from compressor.demo.run import run_demo
 from compressor.demo.train import DemoSettings, ensure_demo_model
 
-SMOKE = DemoSettings(n_train=96, n_calibration=8, n_eval=16, steps=4, batch_size=16, warmup=2)
+SMOKE = DemoSettings(n_train=96, n_calibration=8, n_eval=16, steps=4, batch_size=16, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -20,27 +20,28 @@ def smoke_assets(tmp_path_factory):
 
 
 def test_training_is_cached_and_keyed_by_settings(smoke_assets, monkeypatch):
-    assert smoke_assets.root.name == f"v{demo_train.CACHE_VERSION}-{SMOKE.key()}"
+    assert smoke_assets.root.name == f"demo-{SMOKE.key()}"
     assert (smoke_assets.model_dir / "config.json").is_file() and smoke_assets.eval.is_file()
-    summary = json.loads((smoke_assets.root / "training.json").read_text())
-    assert summary["settings"]["steps"] == 4 and summary["train_samples"] == 96
+    record = json.loads((smoke_assets.root / "training.json").read_text())
+    assert record["settings"]["steps"] == 4 and record["summary"]["steps"] == 4
+    assert smoke_assets.summary.final_loss < smoke_assets.summary.first_loss
     assert not list(smoke_assets.root.parent.glob(".*tmp-*")), "no staging folder may be left behind"
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("the cached model must be reused")
 
     monkeypatch.setattr(demo_train, "train", must_not_train)
-    again = ensure_demo_model(smoke_assets.root.parent.parent, settings=SMOKE, progress=False)
+    again = ensure_demo_model(smoke_assets.root.parent, settings=SMOKE, progress=False)
     assert again.root == smoke_assets.root
     assert DemoSettings(steps=5).key() != DemoSettings(steps=4).key()
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "a"))
-    assert demo_train.cache_root() == tmp_path / "a"
+    assert demo_train.default_cache_dir() == tmp_path / "a"
     monkeypatch.delenv("COMPRESSOR_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
-    assert demo_train.cache_root() == tmp_path / "b" / "compressor"
+    assert demo_train.default_cache_dir() == tmp_path / "b" / "compressor"
 
 
 def test_demo_chain_writes_checkpoint_and_report(smoke_assets, tmp_path):

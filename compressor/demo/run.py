@@ -49,7 +49,8 @@ class DemoSummary:
             "",
             f"evaluation accuracy on {vqa['n']} questions (greedy, exact match):",
             f"  original  {models['base']['num_blocks']} blocks  {vqa['base']:.1%}",
-            f"  pruned    {models['pruned']['num_blocks']} blocks  {vqa['pruned']:.1%}  ({(vqa['pruned'] - vqa['base']) * 100:+.1f} points)",
+            f"  pruned    {models['pruned']['num_blocks']} blocks  {vqa['pruned']:.1%}  "
+            f"({(vqa['pruned'] - vqa['base']) * 100:+.1f} points)",
             f"fidelity: top-1 agreement {fidelity['top1_agreement']:.1%}, mean KL {fidelity['kl_mean']:.4f}",
             f"parameters: {models['base']['params']:,} -> {models['pruned']['params']:,}",
         ]

@@ -61,9 +61,10 @@ class DemoSplits:
 class Question:
     """One question about a scene.
 
-    The answer repeats the question's subject before the value ("red two", "circle red"): the value is then predicted at the position of the words it depends on, so the
-    model reads the question there directly instead of first learning to fetch it from
-    across the prompt. Without this echo, a model this small sits on the answer priors
+    The answer repeats the question's subject before the value ("red two", "circle red"):
+    the value is then predicted at the position of the words it depends on, so the model
+    reads the question there directly instead of first learning to fetch it from across
+    the prompt. Without this echo, a model this small sits on the answer priors
     for minutes; with it, question-conditioned counting is learnt in a few hundred steps.
     """
 
@@ -178,10 +179,7 @@ QUESTION_TYPES: dict[str, Callable[[Scene, np.random.Generator], Question | None
     "count_all": _count_all,
     "count_color": _count_color,
     "count_shape": _count_shape,
-    "color_of": _color_of,
     "count_both": _count_both,
-    "shape_of": _shape_of,
-    "exists": _exists,
 }
 
 
