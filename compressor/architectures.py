@@ -42,6 +42,16 @@ class Adapter:
     # answer the causally attended suffix). A cache-free reference for cached decoding must then
     # mark generated tokens as suffix, and exporters must not trace a causal graph (FACTS.md).
     prefix_lm: bool = False
+    # ONNX export (onnx_export.py): "optimum" (text-generation-with-past through optimum-onnx),
+    # "split" (vision encoder / token embedding / decoder graphs, onnx_graphs.py), or "" when
+    # the family cannot be exported — `onnx_refusal` then says why.
+    onnx: str = "optimum"
+    onnx_refusal: str = ""
+    onnx_vision: str = "features"  # how the vision graph calls the tower (onnx_graphs.VisionEncoder)
+    # Attention beyond causal that the decoder graph must reproduce: "causal", "prefix" (the
+    # prompt attends both ways) or "image_blocks" (tokens of one image attend both ways).
+    onnx_attention: str = "causal"
+    position_offset: int = 0  # added to 0-based token positions (PaliGemma counts from 1)
     notes: tuple[str, ...] = field(default=())
 
     # -- config -----------------------------------------------------------------------------
@@ -111,6 +121,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         tensor_prefix="language_model.model.layers.{index}.",
         image_token_keys=("image_token_id", "image_token_index"),
         multimodal=True,
+        onnx="split",
     ),
     Adapter(
         family="llama",
@@ -147,6 +158,9 @@ ADAPTERS: tuple[Adapter, ...] = (
         tensor_prefix="model.layers.{index}.",
         image_token_keys=("image_token_id",),
         multimodal=True,
+        onnx="split",
+        onnx_vision="grid",
+        notes=("ONNX: the vision graph is traced for one image grid; the runner refuses images of another size",),
     ),
     Adapter(
         family="qwen2_5_vl",
@@ -159,6 +173,9 @@ ADAPTERS: tuple[Adapter, ...] = (
         tensor_prefix="model.layers.{index}.",
         image_token_keys=("image_token_id",),
         multimodal=True,
+        onnx="split",
+        onnx_vision="grid",
+        notes=("ONNX: the vision graph is traced for one image grid; the runner refuses images of another size",),
     ),
     Adapter(
         family="idefics3",
@@ -170,6 +187,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         tensor_prefix="model.text_model.layers.{index}.",
         image_token_keys=("image_token_id",),
         multimodal=True,
+        onnx="split",
+        onnx_vision="tiles",
     ),
     Adapter(
         family="paligemma",
@@ -180,6 +199,9 @@ ADAPTERS: tuple[Adapter, ...] = (
         tensor_prefix="language_model.model.layers.{index}.",
         image_token_keys=("image_token_id", "image_token_index"),
         multimodal=True,
+        onnx="split",
+        onnx_attention="prefix",
+        position_offset=1,
         prefix_lm=True,
         notes=("prefix-LM: attends both ways over the prompt; answers are given to the processor as `suffix`",),
     ),
@@ -195,6 +217,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         tensor_prefix="language_model.model.layers.{index}.",
         image_token_keys=("image_token_id", "image_token_index"),
         multimodal=True,
+        onnx="split",
+        onnx_attention="image_blocks",
         # The local rotary embedding holds a deep copy of the text config: surgery updates every
         # config object that describes the decoder (`surgery._decoder_configs`), not just one.
         notes=("image tokens attend each other both ways (token_type_ids from the processor)",),

@@ -214,6 +214,7 @@ def plan_command(recipe: Path, calibration: Path | None, model: str | None, outp
     is_flag=True,
     help="Rewrite the safetensors files directly, one tensor at a time, without loading the model.",
 )
+@click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/onnx [recipe's export.formats].")
 @_calibration_options
 @_device_options
 @_verbosity
@@ -227,6 +228,7 @@ def prune_command(
     overwrite: bool,
     dry_run: bool,
     out_of_core: bool,
+    onnx: bool | None,
     device: str,
     dtype: str,
     **kwargs: Any,
@@ -251,6 +253,7 @@ def prune_command(
             calibration=calibration,
             overwrite=overwrite,
             dry_run=dry_run,
+            onnx=onnx,
         )
     else:
         result = prune(
@@ -265,6 +268,7 @@ def prune_command(
             dtype=dtype,
             progress=_progress(),
             dry_run=dry_run,
+            onnx=onnx,
             **_overrides(kwargs),
         )
     _report_prune(result)
@@ -276,6 +280,7 @@ def prune_command(
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration JSONL [recipe's calibration.data].")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Evaluation JSONL: validate and gate [recipe's validate.data].")
 @click.option("--no-latency", is_flag=True, help="Validate accuracy only.")
+@click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/hf/onnx [recipe's export.formats].")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder for everything of the run.")
 @click.option("--overwrite", is_flag=True)
 @_calibration_options
@@ -289,6 +294,7 @@ def run_command(
     data: Path | None,
     eval_data: Path | None,
     no_latency: bool,
+    onnx: bool | None,
     output: Path,
     overwrite: bool,
     device: str,
@@ -306,6 +312,7 @@ def run_command(
         data=data,
         eval_data=eval_data,
         validate_options={"latency": not no_latency},
+        onnx=onnx,
         overwrite=overwrite,
         device=device,
         dtype=dtype,
@@ -333,6 +340,44 @@ def _report_prune(result: Any) -> None:
             f"wrote {e.path} out of core ({e.tensors_in} -> {e.tensors_out} tensors, {e.bytes_written / 1e9:.3g} GB; "
             "headers re-read and checked against the plan)"
         )
+    if getattr(result, "onnx", None) is not None:
+        _report_onnx(result.onnx)
+
+
+def _report_onnx(result: Any) -> None:
+    click.echo(
+        f"wrote {result.path} (ONNX, {result.layout} layout: {', '.join(result.graphs.values())}; "
+        f"verified on {result.provider}: max |onnx - torch| = {result.max_abs_diff:.2g} over {len(result.checks)} checks, "
+        f"greedy tokens equal for {result.greedy_tokens} steps; "
+        f"export {result.export_seconds:.1f} s, verification {result.verify_seconds:.1f} s)"
+    )
+
+
+@cli.command("export-onnx")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder for the graphs [MODEL/onnx].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1e-4,
+    show_default=True,
+    help="Bound on max |onnx - torch| per output, relative to max(1, max |torch|).",
+)
+@click.option("--cpu-only", is_flag=True, help="Verify with ONNX Runtime's CPU provider even where CUDA is available.")
+@_verbosity
+def export_onnx_command(model: str, output: Path | None, overwrite: bool, tolerance: float, cpu_only: bool) -> None:
+    """Export MODEL (a checkpoint folder or Hub id) to ONNX and verify it against PyTorch.
+
+    Text decoders: one model.onnx with KV cache (optimum; ORTModelForCausalLM loads it).
+    Vision-language models: vision_encoder.onnx + embed_tokens.onnx + decoder_model_merged.onnx.
+    """
+    from .hub import resolve_model_ref
+    from .onnx_export import export_onnx
+
+    if output is None:
+        output = resolve_model_ref(model).path / "onnx"
+    _report_onnx(export_onnx(model, output, overwrite=overwrite, tolerance=tolerance, prefer_cuda=not cpu_only))
 
 
 @cli.command("validate")
@@ -447,8 +492,9 @@ def arch_group() -> None:
 def arch_list() -> None:
     """Show the supported families and what each supports."""
     from .architectures import ADAPTERS
+    from .onnx_export import exportable
 
-    header = ("family", "architectures", "blocks at", "block count", "modality split", "out-of-core", "per-layer config")
+    header = ("family", "architectures", "blocks at", "block count", "modality split", "out-of-core", "onnx", "per-layer config")
     rows = [
         (
             a.family,
@@ -458,6 +504,7 @@ def arch_list() -> None:
             "image/text/all" if a.modality_split else "text/all",
             # Every family's on-disk block names are known (tensor_prefix), tested per family.
             f"yes ({a.tensor_prefix.format(index='N')})",
+            ("yes: " if exportable(a)[0] else "no: ") + exportable(a)[1],
             ", ".join((*a.per_layer_lists, *a.index_fields, *a.layer_period_fields)) or "-",
         )
         for a in ADAPTERS

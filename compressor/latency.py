@@ -632,40 +632,37 @@ def find_onnx(model_dir: Path | str) -> Path | None:
     return None
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(bool)": "bool"}
-
-
-def _onnx_feeds(session: Any, ids: torch.Tensor) -> dict[str, Any]:
-    """Inputs for a decoder graph, from its declared inputs: ids, mask, positions, and (for a
-    graph with a KV cache) empty past tensors, since prefill starts with no past."""
+def _onnx_feeds(session: Any, ids: torch.Tensor, embed: Any = None) -> dict[str, Any]:
+    """Inputs for a decoder graph, from its declared inputs: ids (or their embeddings, from the
+    split layout's ``embed_tokens.onnx``), mask, positions, and empty past tensors, since
+    prefill starts with no past."""
     import numpy as np
 
+    from .onnx_runtime import empty_past, text_positions
+
     batch, length = ids.shape
+    mask = np.ones((batch, length), dtype=np.int64)
     feeds: dict[str, Any] = {}
     for spec in session.get_inputs():
         name = spec.name
         if name == "input_ids":
             feeds[name] = ids.numpy()
+        elif name == "inputs_embeds":
+            if embed is None:
+                raise ValueError("the decoder takes inputs_embeds but no embed_tokens.onnx lies beside it")
+            feeds[name] = embed.run(None, {"input_ids": ids.numpy()})[0]
         elif name == "attention_mask":
-            feeds[name] = np.ones((batch, length), dtype=np.int64)
+            feeds[name] = mask
         elif name == "position_ids":
-            feeds[name] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
+            positions = text_positions(mask)
+            # M-RoPE graphs take (3, batch, seq): text advances the three axes together.
+            feeds[name] = np.broadcast_to(positions, (3, batch, length)).copy() if len(spec.shape) == 3 else positions
         elif name == "token_type_ids":
             feeds[name] = np.zeros((batch, length), dtype=np.int64)
         elif name == "use_cache_branch":
             feeds[name] = np.array([False])
         elif name.startswith("past_key_values") or name.startswith("past_"):
-            # The first symbolic dimension is the batch, any other one the (empty) past length.
-            shape, seen_batch = [], False
-            for dim in spec.shape:
-                if isinstance(dim, int):
-                    shape.append(dim)
-                elif not seen_batch:
-                    shape.append(batch)
-                    seen_batch = True
-                else:
-                    shape.append(0)
-            feeds[name] = np.zeros(shape, dtype=_ORT_TYPES.get(spec.type, "float32"))
+            feeds[name] = empty_past(spec, batch)
         else:
             raise ValueError(f"graph input '{name}' is not one a decoder prefill can fill in")
     return feeds
@@ -689,22 +686,22 @@ def measure_onnx(
     try:
         import onnxruntime as ort
 
-        providers = ["CPUExecutionProvider"]
-        if prefer_cuda and torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # a CUDA provider that cannot load falls back; the label says which ran
-        if providers == ["CPUExecutionProvider"]:
-            options.intra_op_num_threads = torch.get_num_threads()  # the same threads torch had
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        from .onnx_runtime import providers
+        from .onnx_runtime import session as ort_session
+
+        # On CPU, the same threads torch had, so the ONNX/torch ratio compares like with like.
+        threads = torch.get_num_threads() if providers(prefer_cuda) == ["CPUExecutionProvider"] else None
+        session = ort_session(path, prefer_cuda=prefer_cuda, threads=threads)
         provider = session.get_providers()[0]
+        embed_path = path.parent / "embed_tokens.onnx"
+        embed = ort_session(embed_path, prefer_cuda=prefer_cuda, threads=threads) if embed_path.is_file() else None
         outputs = [o.name for o in session.get_outputs()]
         wanted = ["logits"] if "logits" in outputs else None
         clock = clock or WallClock()  # session.run returns host arrays: it is synchronous
         prefill = {}
         for batch_size in batch_sizes:
             for length in prompt_lengths:
-                feeds = _onnx_feeds(session, synthetic_inputs(pool, batch_size, length, seed=seed)["input_ids"])
+                feeds = _onnx_feeds(session, synthetic_inputs(pool, batch_size, length, seed=seed)["input_ids"], embed)
                 times = time_repeats(lambda feeds=feeds: session.run(wanted, feeds), repeats=repeats, warmup=warmup, clock=clock)
                 prefill[f"text-L{length}-B{batch_size}"] = {
                     "inputs": "synthetic",

@@ -1,8 +1,9 @@
 """The chain calibrate → plan → prune → export, as library calls the CLI maps onto.
 
-`prune` writes one checkpoint folder; `run` writes everything of one recipe run under one
-folder (calibration.json, plan.json, hf/). Both check the output path before loading
-anything, and stage their output so that a failure leaves nothing behind.
+`prune` writes one checkpoint folder (with its verified ONNX graphs in ``onnx/`` when asked);
+`run` writes everything of one recipe run under one folder (calibration.json, plan.json,
+hf/). Both check the output path before loading anything, and stage their output so that a
+failure — a failed ONNX verification included — leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from .errors import InputError, PlanError
 from .export import ExportResult, export_hf
 from .hub import resolve_model_ref
 from .loading import LoadedModel, load_config, load_model
+from .onnx_export import OnnxExportResult, export_onnx
 from .planner import SurgeryPlan, plan
-from .recipe import Conditions, Lowest, Recipe, RecipeFile, Span
+from .recipe import Conditions, ExportOptions, Lowest, Recipe, RecipeFile, Span
 from .staging import refuse_existing, staged_dir
 from .surgery import apply_plan, count_parameters
 
@@ -35,6 +37,35 @@ class PruneResult:
     export: ExportResult | CheckpointResult | None  # None for a dry run
     calibration: CalibrationReport | None
     validation: Any = None  # a validate.ValidationResult when the run validated
+    onnx: OnnxExportResult | None = None  # the ONNX export in ``<checkpoint>/onnx`` when asked for
+
+
+def onnx_tolerance(recipe_file: RecipeFile | None, onnx: bool | None) -> float | None:
+    """The ONNX verification bound when ONNX is to be written (``--onnx`` or the recipe's
+    ``export.formats``), else None."""
+    wanted = onnx if onnx is not None else bool(recipe_file and recipe_file.recipe.export.onnx)
+    if not wanted:
+        return None
+    return recipe_file.recipe.export.onnx_tolerance if recipe_file else ExportOptions().onnx_tolerance
+
+
+def write_checkpoint(
+    write: Callable[[Path, bool], Any], out: Path | str, *, overwrite: bool, onnx: float | None
+) -> tuple[Any, OnnxExportResult | None]:
+    """Run ``write(folder, overwrite)`` (an HF export); with ``onnx`` (the tolerance), also
+    export the written checkpoint to ONNX in ``onnx/`` inside it. Both are verified inside one
+    staging folder, so ``out`` appears only when both passed."""
+    if onnx is None:
+        return write(Path(out), overwrite), None
+    with staged_dir(out, overwrite=overwrite) as staging:
+        hf = staging / "hf"
+        result = write(hf, False)
+        graphs = export_onnx(hf, hf / "onnx", tolerance=onnx)
+        for entry in list(hf.iterdir()):
+            entry.rename(staging / entry.name)
+        hf.rmdir()
+    final = Path(out).resolve()
+    return replace(result, path=final), replace(graphs, path=final / "onnx")
 
 
 def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationOptions:
@@ -136,13 +167,16 @@ def prune(
     dtype: str | None = "auto",
     progress: bool = False,
     dry_run: bool = False,
+    onnx: bool | None = None,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``.
 
     The blocks come from a recipe (planned here) or from a saved plan. With ``dry_run`` it
-    stops after planning: nothing is written.
+    stops after planning: nothing is written. ``onnx`` (default: the recipe's export formats)
+    adds the verified ONNX graphs in ``out/onnx``.
     """
+    tolerance = onnx_tolerance(recipe_file, onnx)
     fixed_plan = _surgery_plan(recipe_file, plan_file)
     if not dry_run:
         refuse_existing(Path(out), overwrite)
@@ -154,10 +188,12 @@ def prune(
     if fixed_plan is not None:
         samples = load_samples(data_path, limit=options.num_samples) if data_path else None
         report = CalibrationReport.load(calibration) if calibration else None
-        return _prune_loaded(loaded, None, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run, fixed_plan=fixed_plan)
+        return _prune_loaded(
+            loaded, None, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run, fixed_plan=fixed_plan, onnx=tolerance
+        )
     assert recipe_file is not None  # guaranteed by _surgery_plan
     report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
-    return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run)
+    return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run, onnx=tolerance)
 
 
 def prune_out_of_core(
@@ -170,6 +206,7 @@ def prune_out_of_core(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    onnx: bool | None = None,
 ) -> PruneResult:
     """Rewrite the checkpoint's safetensors files without loading the model (no GPU, little RAM).
 
@@ -196,18 +233,23 @@ def prune_out_of_core(
     if dry_run:
         return PruneResult(plan=fixed_plan, export=None, calibration=report)
     _refuse_empty(fixed_plan)
-    result = rewrite_checkpoint(
-        source.path,
+    result, graphs = write_checkpoint(
+        lambda folder, replace_existing: rewrite_checkpoint(
+            source.path,
+            folder,
+            fixed_plan,
+            adapter,
+            recipe_text=recipe_file.text if recipe_file else None,
+            calibration=report,
+            source=source,
+            overwrite=replace_existing,
+            progress=progress,
+        ),
         out,
-        fixed_plan,
-        adapter,
-        recipe_text=recipe_file.text if recipe_file else None,
-        calibration=report,
-        source=source,
         overwrite=overwrite,
-        progress=progress,
+        onnx=onnx_tolerance(recipe_file, onnx),
     )
-    return PruneResult(plan=fixed_plan, export=result, calibration=report)
+    return PruneResult(plan=fixed_plan, export=result, calibration=report, onnx=graphs)
 
 
 def _refuse_empty(surgery_plan: SurgeryPlan) -> None:
@@ -228,6 +270,7 @@ def _prune_loaded(
     overwrite: bool,
     dry_run: bool = False,
     fixed_plan: SurgeryPlan | None = None,
+    onnx: float | None = None,
 ) -> PruneResult:
     num_blocks = loaded.adapter.num_blocks(loaded.model.config)
     surgery_plan = fixed_plan or plan(recipe_file.recipe, num_blocks, report)  # type: ignore[union-attr]
@@ -237,20 +280,25 @@ def _prune_loaded(
     _refuse_empty(surgery_plan)
     params_before = count_parameters(loaded.model)
     apply_plan(loaded.model, surgery_plan, loaded.adapter)
-    exported = export_hf(
-        loaded.model,
-        loaded.processor,
-        loaded.adapter,
+    exported, graphs = write_checkpoint(
+        lambda folder, replace_existing: export_hf(
+            loaded.model,
+            loaded.processor,
+            loaded.adapter,
+            folder,
+            plan=surgery_plan,
+            params_before=params_before,
+            source=loaded.source,
+            recipe_text=recipe_file.text if recipe_file else None,
+            calibration=report,
+            samples=samples,
+            overwrite=replace_existing,
+        ),
         out,
-        plan=surgery_plan,
-        params_before=params_before,
-        source=loaded.source,
-        recipe_text=recipe_file.text if recipe_file else None,
-        calibration=report,
-        samples=samples,
         overwrite=overwrite,
+        onnx=onnx,
     )
-    return PruneResult(plan=surgery_plan, export=exported, calibration=report)
+    return PruneResult(plan=surgery_plan, export=exported, calibration=report, onnx=graphs)
 
 
 def run(
@@ -265,11 +313,13 @@ def run(
     device: str | None = "cpu",
     dtype: str | None = "auto",
     progress: bool = False,
+    onnx: bool | None = None,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """The whole chain a recipe describes, everything of the run under ``out``.
 
-    Layout: ``out/calibration.json`` (when calibrated), ``out/plan.json``, ``out/hf/``, and
+    Layout: ``out/calibration.json`` (when calibrated), ``out/plan.json``, ``out/hf/`` (with
+    ``out/hf/onnx/`` when the recipe's export formats or ``onnx`` ask for it), and
     ``out/report/`` when there is evaluation data (``eval_data`` or the recipe's
     ``validate.data``): the validation report, gated by the recipe's thresholds.
     """
@@ -292,11 +342,15 @@ def run(
         report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=None, options=options, progress=progress)
         if report is not None:
             report.save(staging / "calibration.json")
-        result = _prune_loaded(loaded, recipe_file, staging / "hf", report=report, samples=samples, overwrite=False)
+        result = _prune_loaded(
+            loaded, recipe_file, staging / "hf", report=report, samples=samples, overwrite=False, onnx=onnx_tolerance(recipe_file, onnx)
+        )
         result.plan.save(staging / "plan.json")
         (staging / "recipe.yaml").write_text(recipe_file.text)
     final = Path(out).resolve() / "hf"
     result.export = replace(result.export, path=final)
+    if result.onnx is not None:
+        result.onnx = replace(result.onnx, path=final / "onnx")
     if eval_data is not None:
         from .validate import thresholds_from_recipe, validate
 

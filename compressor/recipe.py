@@ -138,6 +138,23 @@ class ValidateThresholds(_Strict):
     min_speedup: float | None = Field(None, gt=0)
 
 
+class ExportOptions(_Strict):
+    """What `compressor prune --recipe` / `compressor run` write besides the HF checkpoint."""
+
+    formats: list[Literal["hf", "onnx"]] = Field(default_factory=lambda: ["hf"], min_length=1)
+    onnx_tolerance: float = Field(1e-4, gt=0, le=1, description="ONNX-vs-PyTorch bound (onnx_verify)")
+
+    @model_validator(mode="after")
+    def _hf_first(self) -> Any:
+        if "hf" not in self.formats:
+            raise ValueError("'hf' must be among the formats: every other format is exported from the HF checkpoint")
+        return self
+
+    @property
+    def onnx(self) -> bool:
+        return "onnx" in self.formats
+
+
 class Recipe(_Strict):
     version: Literal[1]
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=96)
@@ -146,6 +163,7 @@ class Recipe(_Strict):
     calibration: CalibrationDefaults = CalibrationDefaults()
     select: Selection
     thresholds: ValidateThresholds | None = Field(None, alias="validate")
+    export: ExportOptions = ExportOptions()
 
     @property
     def needs_calibration(self) -> bool:

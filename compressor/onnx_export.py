@@ -1,0 +1,391 @@
+"""ONNX export of a checkpoint folder, verified against PyTorch before it is reported done.
+
+Two layouts, chosen by the family's adapter (`Adapter.onnx`):
+- ``optimum``: text decoders (Llama, Mistral, Qwen2) through optimum-onnx's
+  ``text-generation-with-past`` export — one ``model.onnx`` with the KV cache in the graph,
+  loadable by ``optimum.onnxruntime.ORTModelForCausalLM``.
+- ``split``: vision-language models as ``vision_encoder.onnx``, ``embed_tokens.onnx`` and
+  ``decoder_model_merged.onnx`` (`onnx_graphs`), run by `onnx_runtime.SplitRunner`.
+
+Either way the folder is written to a staging sibling; each graph is compared with PyTorch on
+fresh inputs (`onnx_verify`) and greedy generation from the folder is compared token for
+token with ``model.generate``; only then does the folder take its name. A family that cannot
+be exported is refused before any work. Graphs whose weights pass 2 GB (protobuf's limit)
+keep them in one external-data file beside the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .architectures import ADAPTERS, Adapter
+from .calibrate import environment
+from .data import build_batch
+from .errors import UnsupportedArchitectureError, VerificationError
+from .export import verification_samples
+from .loading import LoadedModel, load_model
+from .onnx_graphs import Decoder, DecoderSpec, TokenEmbedding, VisionEncoder, decoder_io, decoder_spec, export_graph
+from .onnx_runtime import METADATA, METADATA_FORMAT, SplitRunner, session
+from .onnx_verify import DEFAULT_TOLERANCE, DecoderProbe, GraphCheck, raise_on_failure, verify_decoder, verify_outputs
+from .staging import refuse_existing, staged_dir
+
+log = logging.getLogger(__name__)
+
+SPLIT_GRAPHS = {"vision_encoder": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx", "decoder": "decoder_model_merged.onnx"}
+EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf caps a file at 2 GiB; keep a margin for the graph
+GREEDY_TOKENS = 6
+
+
+@dataclass
+class OnnxExportResult:
+    path: Path
+    layout: str
+    graphs: dict[str, str]
+    provider: str
+    checks: list[GraphCheck]
+    greedy_tokens: int
+    export_seconds: float
+    verify_seconds: float
+    external_data: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((c.max_abs_diff for c in self.checks), default=0.0)
+
+
+def exportable(adapter: Adapter) -> tuple[bool, str]:
+    """(whether the family exports, the layout or the reason it does not)."""
+    if not adapter.onnx:
+        return False, adapter.onnx_refusal
+    if adapter.onnx == "optimum":
+        return True, "model.onnx (optimum, with past)"
+    return True, "split (vision, embed, decoder)"
+
+
+def check_exportable(adapter: Adapter) -> None:
+    ok, why = exportable(adapter)
+    if not ok:
+        families = ", ".join(a.family for a in ADAPTERS if a.onnx)
+        raise UnsupportedArchitectureError(
+            f"Family '{adapter.family}' cannot be exported to ONNX: {why}",
+            fix=f"export the Hugging Face checkpoint only; families that export: {families}.",
+        )
+
+
+def export_onnx(
+    model_ref: str | Path | LoadedModel,
+    out: Path | str,
+    *,
+    overwrite: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    prefer_cuda: bool = True,
+    external_data_bytes: int = EXTERNAL_DATA_BYTES,
+) -> OnnxExportResult:
+    """Export ``model_ref`` (a checkpoint folder, Hub id, or loaded model) to ``out``."""
+    out = Path(out)
+    refuse_existing(out, overwrite)
+    loaded = model_ref if isinstance(model_ref, LoadedModel) else load_model(str(model_ref), device="cpu", dtype="float32")
+    check_exportable(loaded.adapter)
+    model = loaded.model.float().cpu().eval()
+    with staged_dir(out, overwrite=overwrite) as staging:
+        started = time.perf_counter()
+        if loaded.adapter.onnx == "optimum":
+            graphs, extra = _export_text(loaded, staging)
+        else:
+            graphs, extra = _export_split(model, loaded.processor, loaded.adapter, staging, external_data_bytes)
+        exported = time.perf_counter()
+        meta = {
+            "format": METADATA_FORMAT,
+            "layout": loaded.adapter.onnx,
+            "family": loaded.adapter.family,
+            "source": str(loaded.source.path),
+            "graphs": graphs,
+            **extra,
+            "external_data": sorted(p.name for p in staging.iterdir() if p.name.endswith(".onnx_data")),
+        }
+        (staging / METADATA).write_text(json.dumps(meta, indent=2) + "\n")  # the runner reads it while verifying
+        checks, provider, greedy = _verify(loaded, staging, graphs, extra, tolerance=tolerance, prefer_cuda=prefer_cuda)
+        verified = time.perf_counter()
+        meta["verification"] = {
+            "tolerance": tolerance,
+            "provider": provider,
+            "checks": [c.to_dict() for c in checks],
+            "greedy_tokens_equal": greedy,
+        }
+        meta.update(export_seconds=round(exported - started, 3), verify_seconds=round(verified - exported, 3), versions=environment())
+        (staging / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    log.info(
+        "wrote %s (%s layout, verified on %s, max |Δ| = %.3g)", out, loaded.adapter.onnx, provider, max(c.max_abs_diff for c in checks)
+    )
+    return OnnxExportResult(
+        path=out.resolve(),
+        layout=loaded.adapter.onnx,
+        graphs=graphs,
+        provider=provider,
+        checks=checks,
+        greedy_tokens=greedy,
+        export_seconds=exported - started,
+        verify_seconds=verified - exported,
+        external_data=meta["external_data"],
+    )
+
+
+# -- text decoders through optimum ----------------------------------------------------------
+def _export_text(loaded: LoadedModel, staging: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    from optimum.exporters.onnx import main_export
+
+    # optimum re-loads the folder itself; its own validation is replaced by ours (below).
+    main_export(str(loaded.source.path), output=staging, task="text-generation-with-past", device="cpu", dtype="fp32", do_validation=False)
+    return {"decoder": "model.onnx"}, {}
+
+
+# -- vision-language models as split graphs -------------------------------------------------
+def _example_inputs(processor: Any) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as scratch:
+        samples = verification_samples(processor, Path(scratch))
+        return build_batch(processor, samples[:1], with_answer=False).inputs
+
+
+def _export_split(
+    model: Any, processor: Any, adapter: Adapter, staging: Path, external_data_bytes: int
+) -> tuple[dict[str, str], dict[str, Any]]:
+    spec = decoder_spec(model, adapter)
+    example = _example_inputs(processor)
+    original = model.config._attn_implementation
+    # Eager attention traces to plain MatMul/Softmax; SDPA with grouped KV heads does not export.
+    model.set_attn_implementation("eager")
+    try:
+        vision = _export_vision(model, adapter, example, staging / SPLIT_GRAPHS["vision_encoder"])
+        ids = example["input_ids"]
+        export_graph(
+            TokenEmbedding(model),
+            (ids,),
+            staging / SPLIT_GRAPHS["embed_tokens"],
+            ["input_ids"],
+            ["inputs_embeds"],
+            {"input_ids": {0: "batch_size", 1: "sequence_length"}, "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},
+        )
+        export_graph(Decoder(model, spec), _decoder_args(model, spec), staging / SPLIT_GRAPHS["decoder"], *decoder_io(spec))
+    finally:
+        model.set_attn_implementation(original)
+    for name in SPLIT_GRAPHS.values():
+        _externalize_if_large(staging / name, external_data_bytes)
+    # The folder is self-contained: the runner needs the processor and config beside the graphs.
+    processor.save_pretrained(staging)
+    model.config.save_pretrained(staging)
+    text = adapter.text_config(model.config)
+    meta = {
+        "decoder": {
+            "num_blocks": spec.num_blocks,
+            "hidden_size": int(text.hidden_size),
+            "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
+            "image_token_id": spec.image_token_id,
+            "position_offset": adapter.position_offset,
+            "mrope": spec.mrope,
+            "token_types": spec.token_types,
+            "attention": spec.attention,
+            "layer_types": list(spec.layer_types),
+            "sliding_window": spec.sliding_window,
+        },
+        "vision": vision,
+    }
+    return dict(SPLIT_GRAPHS), meta
+
+
+def _export_vision(model: Any, adapter: Adapter, example: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    kind = adapter.onnx_vision
+    pixels = example["pixel_values"]
+    module = VisionEncoder(model, kind)
+    if kind == "grid":
+        grid = example["image_grid_thw"][:1]
+        pixels = pixels[: int(grid.prod())]
+        export_graph(module, (pixels, grid), path, ["pixel_values", "image_grid_thw"], ["image_features"], {})
+        merge = int(model.config.vision_config.spatial_merge_size)
+        patch = int(model.config.vision_config.patch_size)
+        _, h, w = (int(v) for v in grid[0])
+        return {"kind": kind, "grid": [int(v) for v in grid[0]], "merge": merge, "image_size": [h * patch, w * patch]}
+    if kind == "tiles":
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        pixels = pixels[pixels.flatten(1).ne(0).any(dim=1)]
+    axes = {"pixel_values": {0: "num_images"}, "image_features": {0: "num_images"}}
+    export_graph(module, (pixels,), path, ["pixel_values"], ["image_features"], axes)
+    return {"kind": kind, "pixel_shape": list(pixels.shape[1:])}
+
+
+def _kv_shape(model: Any, adapter: Adapter) -> tuple[int, int]:
+    text = adapter.text_config(model.config)
+    heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return heads, int(head_dim)
+
+
+def _decoder_args(model: Any, spec: DecoderSpec) -> tuple:
+    """Tracing inputs with a non-empty past, so the past length is a real (dynamic) axis."""
+    from .architectures import adapter_for_model
+
+    heads, head_dim = _kv_shape(model, adapter_for_model(model))
+    batch, seq, past = 2, 4, 3
+    hidden = model.get_input_embeddings().weight.shape[1]
+    embeds = torch.randn(batch, seq, hidden)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    positions = torch.arange(past, past + seq).expand(batch, seq)
+    if spec.mrope:
+        positions = positions[None].expand(3, batch, seq)
+    args = [embeds, mask, positions.contiguous()]
+    if spec.token_types:
+        args.append(torch.zeros(batch, seq, dtype=torch.int64))
+    args += [torch.randn(batch, heads, past, head_dim) for _ in range(2 * spec.num_blocks)]
+    return tuple(args)
+
+
+def _externalize_if_large(path: Path, threshold: int) -> None:
+    """Move a graph's weights into ``<graph>_data`` when the file would pass ``threshold``."""
+    import onnx
+
+    siblings = set(path.parent.iterdir())
+    if path.stat().st_size + sum(p.stat().st_size for p in siblings if p.suffix not in (".onnx", ".json")) < threshold:
+        return
+    graph = onnx.load(str(path))  # reads any external tensors the exporter already wrote
+    strays = set(path.parent.iterdir()) - {path}
+    onnx.save_model(
+        graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}_data", size_threshold=1024
+    )
+    # The exporter may have written one file per tensor; they are now in the single data file.
+    for stray in strays:
+        if stray.is_file() and not stray.name.endswith((".onnx", ".onnx_data", ".json")):
+            stray.unlink()
+
+
+# -- verification ---------------------------------------------------------------------------
+def _verify(
+    loaded: LoadedModel, folder: Path, graphs: dict[str, str], extra: dict[str, Any], *, tolerance: float, prefer_cuda: bool
+) -> tuple[list[GraphCheck], str, int]:
+    model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
+    decoder = session(folder / graphs["decoder"], prefer_cuda=prefer_cuda)
+    provider = decoder.get_providers()[0]
+    window = extra.get("decoder", {}).get("sliding_window") or getattr(adapter.text_config(model.config), "sliding_window", None) or 0
+    length = max(8, int(window) + 3)  # longer than any sliding window, so the window is exercised
+    hidden = model.get_input_embeddings().weight.shape[1]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if adapter.onnx == "optimum":
+        probe = DecoderProbe(
+            graph="model.onnx",
+            first_input="input_ids",
+            make_first=lambda b, s, g: torch.randint(0, vocab, (b, s), generator=g),
+            reference=lambda first, mask, pos, types, cache: model(
+                input_ids=first, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+            ),
+            prefill_length=length,
+        )
+        checks = verify_decoder(decoder, probe, tolerance=tolerance)
+    else:
+        d = extra["decoder"]
+
+        def reference(first, mask, pos, types, cache):
+            kwargs = {"token_type_ids": types} if types is not None else {}
+            return model(inputs_embeds=first, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kwargs)
+
+        probe = DecoderProbe(
+            graph=graphs["decoder"],
+            first_input="inputs_embeds",
+            make_first=lambda b, s, g: torch.randn(b, s, hidden, generator=g),
+            reference=reference,
+            position_offset=d["position_offset"],
+            mrope=d["mrope"],
+            token_types=d["token_types"],
+            prefill_length=length,
+        )
+        checks = verify_decoder(decoder, probe, tolerance=tolerance)
+        checks += _verify_embed_and_vision(model, adapter, processor, folder, graphs, extra, tolerance, prefer_cuda)
+    raise_on_failure(checks)
+    greedy = _verify_greedy(loaded, folder, prefer_cuda=prefer_cuda)
+    return checks, provider, greedy
+
+
+@torch.no_grad()
+def _verify_embed_and_vision(model, adapter, processor, folder, graphs, extra, tolerance, prefer_cuda) -> list[GraphCheck]:
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    embed = session(folder / graphs["embed_tokens"], prefer_cuda=prefer_cuda)
+    ids = torch.randint(0, vocab, (3, 7), generator=gen)
+    checks = [
+        verify_outputs(
+            embed,
+            graphs["embed_tokens"],
+            "3x7 ids",
+            {"input_ids": ids.numpy()},
+            model.get_input_embeddings()(ids).numpy(),
+            tolerance=tolerance,
+        )
+    ]
+    vision = session(folder / graphs["vision_encoder"], prefer_cuda=prefer_cuda)
+    kind = extra["vision"]["kind"]
+    inner = model.model
+    if kind == "grid":
+        grid = torch.tensor([extra["vision"]["grid"]])
+        dim = vision.get_inputs()[0].shape[1]
+        pixels = torch.randn(int(grid.prod()), dim, generator=gen)
+        want = torch.cat(list(inner.get_image_features(pixels, grid)))
+        feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
+    else:
+        pixels = torch.randn(3, *extra["vision"]["pixel_shape"], generator=gen)  # 3 images: not the traced count
+        if kind == "tiles":
+            # transformers' own path: tiles of one sample, with its padding-tile and patch-mask logic.
+            want = inner.get_image_features(pixel_values=pixels[None])
+        else:
+            want = inner.get_image_features(pixel_values=pixels)
+            if isinstance(want, (list, tuple)):
+                want = torch.stack(list(want))
+        feeds = {"pixel_values": pixels.numpy()}
+    checks.append(
+        verify_outputs(
+            vision, graphs["vision_encoder"], f"random pixels {tuple(pixels.shape)}", feeds, want.float().numpy(), tolerance=tolerance
+        )
+    )
+    return checks
+
+
+@torch.no_grad()
+def _verify_greedy(loaded: LoadedModel, folder: Path, *, prefer_cuda: bool) -> int:
+    """Greedy tokens from the exported folder == ``model.generate``'s; returns how many compared."""
+    model, processor = loaded.model, loaded.processor
+    with tempfile.TemporaryDirectory() as scratch:
+        samples = verification_samples(processor, Path(scratch))[:1]
+        inputs = build_batch(processor, samples, with_answer=False, padding_side="left").inputs
+    config = model.generation_config
+    want = model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_TOKENS)[:, inputs["input_ids"].shape[1] :]
+    if loaded.adapter.onnx == "optimum":
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        ort_model = ORTModelForCausalLM.from_pretrained(folder, provider=_ort_provider(prefer_cuda))
+        got = ort_model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_TOKENS)[:, inputs["input_ids"].shape[1] :].numpy()
+    else:
+        runner = SplitRunner(folder, prefer_cuda=prefer_cuda)
+        got = runner.generate(
+            {k: v.numpy() for k, v in inputs.items()},
+            max_new_tokens=GREEDY_TOKENS,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id or 0,
+        ).tokens
+    if not np.array_equal(got, want.numpy()):
+        raise VerificationError(
+            f"Greedy generation from the ONNX export gives {got.tolist()}, PyTorch gives {want.tolist()} "
+            "(every graph matched on its own, so the difference is in how the graphs are chained).",
+            fix="nothing was written; report it with -v output and the family.",
+        )
+    return int(want.shape[1])
+
+
+def _ort_provider(prefer_cuda: bool) -> str:
+    from .onnx_runtime import providers
+
+    return providers(prefer_cuda)[0]
