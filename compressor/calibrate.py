@@ -1,5 +1,8 @@
 """Calibration: one forward pass per batch, hooks on the decoder blocks, streaming metrics.
 
+Functional measurements (skip-one ablation, greedy removal, visual attention) are optional
+extra passes, owned by `functional`; their results join the same report.
+
 Hooks see each block's input and output hidden states. Every metric is reduced inside the
 hook to per-block partial sums and counts (per modality: image tokens, text tokens, all
 tokens), so memory does not grow with the number of samples; only the inputs of the last
@@ -41,6 +44,15 @@ class CalibrationOptions:
     max_length: int | None = 512
     epsilons: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
     max_span: int = 4
+    # Functional measurements (functional.py), off by default: they cost extra passes.
+    ablation: bool = False  # skip-one scan: loss increase and KL per block (~L/2 forward passes)
+    greedy: int = 0  # SLEB-style greedy removal order up to this many blocks (~L/2 passes each); -1: half
+
+    attention: bool = False  # visual attention ratio per block (one eager-attention pass)
+
+    @property
+    def functional(self) -> bool:
+        return self.ablation or self.greedy != 0 or self.attention
 
 
 class _Stat:
@@ -161,10 +173,18 @@ class CalibrationReport:
     elapsed_s: float
     environment: dict[str, str] = field(default_factory=dict)
     format: str = REPORT_FORMAT
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per pass (geometric, functional)
 
     @property
     def num_blocks(self) -> int:
         return int(self.model["num_blocks"])
+
+    def has(self, metric: str) -> bool:
+        return metric in self.metrics
+
+    @property
+    def greedy_order(self) -> list[int]:
+        return list(self.metrics.get("greedy", {}).get("order", []))
 
     def values(self, metric: str, modality: str, *, epsilon: float | None = None, span: int = 1) -> list[float | None]:
         """One value per block (per span start for ``angular_distance``), None where no tokens."""
@@ -248,6 +268,24 @@ def calibrate(
             for modality, mask in masks.items():
                 tokens[modality] += int(mask.sum())
             bar.update(len(chunk))
+    geometric = time.perf_counter() - started
+    functional, timings = {}, {}
+    if options.functional:
+        from .functional import measure
+
+        with calibration_context(model):
+            functional, timings = measure(
+                model,
+                processor,
+                adapter,
+                samples,
+                batch_size=options.batch_size,
+                max_length=options.max_length,
+                ablation=options.ablation,
+                greedy=options.greedy,
+                attention=options.attention,
+                progress=progress,
+            )
     elapsed = time.perf_counter() - started
     log.info("calibrated %d blocks on %d samples in %.2fs", len(blocks), len(samples), elapsed)
     return CalibrationReport(
@@ -261,9 +299,10 @@ def calibrate(
         },
         data={**(data_info or {}), "num_samples": len(samples), "tokens": tokens},
         options={**asdict(options), "epsilons": list(options.epsilons)},
-        metrics=hooks.results(),
+        metrics={**hooks.results(), **functional},
         elapsed_s=round(elapsed, 4),
         environment=environment(),
+        timings={"geometric_s": round(geometric, 4), **timings},
     )
 
 

@@ -88,6 +88,17 @@ def _calibration_options(command: Any) -> Any:
                 help="Tail-probability threshold; repeat for several [0.01 0.02 0.05 0.1].",
             ),
             click.option("--max-span", type=click.IntRange(min=1), help="Longest block span for angular distance [4]."),
+            click.option(
+                "--ablation/--no-ablation",
+                default=None,
+                help="Skip-one scan: loss increase and KL per block (~L/2 extra forward passes) [recipe or off].",
+            ),
+            click.option("--greedy", type=click.IntRange(min=0), help="Greedy (SLEB) removal order up to N blocks [recipe or 0]."),
+            click.option(
+                "--attention/--no-attention",
+                default=None,
+                help="Visual attention ratio per block (one eager-attention pass) [recipe or off].",
+            ),
         ]
     ):
         command = option(command)
@@ -95,7 +106,7 @@ def _calibration_options(command: Any) -> Any:
 
 
 def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("num_samples", "batch_size", "max_length", "max_span")
+    keys = ("num_samples", "batch_size", "max_length", "max_span", "ablation", "greedy", "attention")
     found = {k: kwargs.get(k) for k in keys}
     found["epsilons"] = tuple(kwargs["epsilons"]) if kwargs.get("epsilons") else None
     return found

@@ -24,7 +24,7 @@ from .hub import resolve_model_ref
 from .loading import LoadedModel, load_config, load_model
 from .onnx_export import OnnxExportResult, export_onnx
 from .planner import SurgeryPlan, plan
-from .recipe import Conditions, ExportOptions, Lowest, Recipe, RecipeFile, Span
+from .recipe import FUNCTIONAL_METRICS, Conditions, ExportOptions, Greedy, Lowest, Recipe, RecipeFile, Span
 from .staging import refuse_existing, staged_dir
 from .surgery import apply_plan, count_parameters
 
@@ -82,17 +82,25 @@ def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationO
             max_length=c.max_length,
             epsilons=tuple(c.epsilons),
             max_span=c.max_span,
+            ablation=c.ablation,
+            greedy=c.greedy,
+            attention=c.attention,
         )
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     if recipe is not None:
         select = recipe.select
-        needed = [c.epsilon for c in select.where] if isinstance(select, Conditions) else []
-        if isinstance(select, Lowest):
-            needed.append(select.epsilon)
-        extra = tuple(e for e in needed if e is not None and e not in options.epsilons)
+        refs = list(select.where) if isinstance(select, Conditions) else [select] if isinstance(select, Lowest) else []
+        extra = tuple(r.epsilon for r in refs if r.epsilon is not None and r.epsilon not in options.epsilons)
         options = replace(options, epsilons=options.epsilons + extra)
+        for ref in refs:  # a functional metric the selection reads is measured
+            options = replace(options, **{FUNCTIONAL_METRICS[ref.metric]: True}) if ref.metric in FUNCTIONAL_METRICS else options
         if isinstance(select, Span) and select.n > options.max_span:
             options = replace(options, max_span=select.n)
+        if isinstance(select, Greedy):
+            # Enough greedy steps for the count (a fraction is resolved against the block count
+            # at plan time; the order is measured up to half the blocks then, see functional.py).
+            wanted = select.count if select.count is not None else -1
+            options = replace(options, greedy=max(options.greedy, wanted))
     return options
 
 

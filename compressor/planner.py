@@ -15,7 +15,7 @@ from typing import Any
 
 from .calibrate import MODALITIES, CalibrationReport
 from .errors import InputError, PlanError
-from .recipe import Conditions, Explicit, Lowest, Recipe, Span
+from .recipe import FUNCTIONAL_METRICS, Conditions, Explicit, Greedy, Lowest, Recipe, Span
 
 PLAN_FORMAT = "compressor.plan/1"
 
@@ -124,6 +124,8 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
         chosen, criterion, reasons = _conditions(select, protected, budget, report, notes)
     elif isinstance(select, Span):
         chosen, criterion, reasons = _span(select, num_blocks, protected, budget, report)
+    elif isinstance(select, Greedy):
+        chosen, criterion, reasons = _greedy(select, num_blocks, protected, budget, report, notes)
     else:  # pragma: no cover - the schema admits no other op
         raise PlanError(f"Unknown op {select.op}")
     if len(chosen) >= num_blocks:
@@ -191,6 +193,12 @@ def _explicit(select: Explicit, num_blocks: int, protected: set[int], budget: in
 
 
 def _values(report: CalibrationReport, metric: str, modality: str, *, epsilon: float | None = None, span: int = 1) -> list[float | None]:
+    if metric in FUNCTIONAL_METRICS and not report.has(metric):
+        option = FUNCTIONAL_METRICS[metric]
+        raise PlanError(
+            f"The calibration report has no {metric}: it is measured by an extra calibration pass.",
+            fix=f"calibrate with --{option} (or `calibration: {{{option}: true}}` in the recipe; `compressor run` turns it on itself).",
+        )
     try:
         values = report.values(metric, modality, epsilon=epsilon, span=span)
     except KeyError as error:
@@ -275,6 +283,34 @@ def _span(select: Span, num_blocks: int, protected: set[int], budget: int, repor
     reason = f"span {best}..{best + n - 1}: {label} = {values[best]:.4f} (smallest of {len(starts)})"
     chosen = list(range(best, best + n))
     return chosen, f"span of {n} with smallest {label}", dict.fromkeys(chosen, reason)
+
+
+def _greedy(select: Greedy, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str]):
+    order = report.greedy_order
+    if not order:
+        raise PlanError(
+            "The calibration report has no greedy removal order.",
+            fix="calibrate with --greedy N (N >= the blocks to remove), or set calibration.greedy in the recipe.",
+        )
+    count = select.count if select.count is not None else max(1, round(select.fraction * num_blocks))
+    if count > budget:
+        notes.append(f"count {count} capped at the budget of {budget} block(s)")
+        count = budget
+    usable = [i for i in order if i not in protected]
+    if len(usable) < len(order):
+        # Later greedy steps were measured with the protected block gone: say so.
+        notes.append(f"protected block(s) {sorted(set(order) - set(usable))} skipped in the greedy order")
+    if count > len(usable):
+        raise PlanError(
+            f"select.count asks for {count} blocks but the greedy order has {len(order)} blocks"
+            + (f" ({len(usable)} unprotected)" if len(usable) < len(order) else "")
+            + ".",
+            fix=f"calibrate with --greedy {count + len(order) - len(usable)} or more, or lower select.count.",
+        )
+    steps = {step["block"]: step for step in report.metrics["greedy"]["steps"]}
+    chosen = usable[:count]
+    reasons = {i: f"greedy step {order.index(i) + 1}: loss with it removed {steps[i]['loss']:.4f}" for i in chosen}
+    return chosen, f"first {count} of the greedy order {order}", reasons
 
 
 def _block_metrics(report: CalibrationReport | None, select: Any, index: int) -> dict[str, float | None]:

@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import RecipeError
 
-Metric = Literal["block_influence", "tail_probability", "adjacent_distance", "angular_distance"]
+Metric = Literal[
+    "block_influence", "tail_probability", "adjacent_distance", "angular_distance", "ablation_loss", "ablation_kl", "visual_attention"
+]
+# Measured by extra calibration passes (functional.py), over all tokens only; the option that
+# turns each on.
+FUNCTIONAL_METRICS = {"ablation_loss": "ablation", "ablation_kl": "ablation", "visual_attention": "attention"}
 Modality = Literal["all", "text", "image"]
 
 
@@ -59,6 +64,8 @@ class _MetricRef(_Strict):
             raise ValueError("metric tail_probability needs an 'epsilon' (e.g. epsilon: 0.05)")
         if self.metric != "tail_probability" and self.epsilon is not None:
             raise ValueError(f"'epsilon' only applies to tail_probability, not {self.metric}")
+        if self.metric in FUNCTIONAL_METRICS and self.modality != "all":
+            raise ValueError(f"{self.metric} is measured over all tokens: use modality 'all' (or leave it out)")
         return self
 
 
@@ -114,8 +121,23 @@ class Span(_Select):
     modality: Modality = "all"
 
 
-Selection = Annotated[Union[Explicit, Lowest, Conditions, Span], Field(discriminator="op")]
-OPS = ("explicit", "lowest", "conditions", "span")
+class Greedy(_Select):
+    """Remove the first ``count`` (or ``fraction``) blocks of the greedy order (SLEB-style):
+    each removal measured with the earlier ones already gone (calibrate with ``greedy``)."""
+
+    op: Literal["greedy"]
+    count: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _count_or_fraction(self) -> Any:
+        if (self.count is None) == (self.fraction is None):
+            raise ValueError("give exactly one of 'count' or 'fraction'")
+        return self
+
+
+Selection = Annotated[Union[Explicit, Lowest, Conditions, Span, Greedy], Field(discriminator="op")]
+OPS = ("explicit", "lowest", "conditions", "span", "greedy")
 
 
 class CalibrationDefaults(_Strict):
@@ -127,6 +149,9 @@ class CalibrationDefaults(_Strict):
     max_length: int | None = Field(512, ge=8)
     epsilons: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1)
     max_span: int = Field(4, ge=1)
+    ablation: bool = Field(False, description="skip-one scan: ablation_loss, ablation_kl")
+    greedy: int = Field(0, ge=0, description="greedy removal order up to this many blocks")
+    attention: bool = Field(False, description="visual_attention per block")
 
 
 class ValidateThresholds(_Strict):
