@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test test-slow demo bench bench-quality lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ bench: install
 	$(BIN)/python -m compressor.bench
 	$(BIN)/python -m compressor.bench_checkpoint
 	$(BIN)/python -m compressor.bench_latency
+
+# Trains two demo models on first use (cached), then ~10 minutes of evaluations on 2 cores.
+bench-quality: install
+	$(BIN)/python -m compressor.bench_quality
 
 lint: install
 	$(BIN)/ruff check compressor tests

@@ -174,3 +174,26 @@ def test_visual_attention_on_every_vlm(family, tiny_models):
     ratios = report.values("visual_attention", "all")
     assert all(r is not None and 0 < r < 1 for r in ratios)
     assert loaded.model.config._attn_implementation == before  # eager only for the attention pass
+
+
+def test_cli_calibrate_functional_options_and_run_with_a_greedy_recipe(tiny_models, tmp_path, capsys):
+    import json
+
+    from compressor.cli import main
+
+    tiny = tiny_models["qwen2_vl"]
+    out = tmp_path / "c.json"
+    code = main(["calibrate", str(tiny.path), "--data", str(tiny.data), "-o", str(out), "--ablation", "--greedy", "2", "--attention"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads(out.read_text())["metrics"]
+    assert len(metrics["ablation_kl"]["all"]) == 6 and len(metrics["greedy"]["order"]) == 2 and metrics["visual_attention"]["all"][0] > 0
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text("version: 1\nname: g\nselect: {op: greedy, count: 2, protect: {first: 1}}\n")
+    code = main(["run", str(recipe), "--model", str(tiny.path), "--data", str(tiny.data), "-o", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "greedy order" in captured.out
+    report = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert len(report["metrics"]["greedy"]["order"]) >= 2  # `run` measured what the recipe reads
+    code = main(["calibrate", str(tiny.path), "--data", str(tiny.data), "-o", str(tmp_path / "x.json"), "--greedy", "6"])
+    assert code == 2 and "--greedy 5 or less" in capsys.readouterr().err
