@@ -182,6 +182,8 @@ def _export_split(
     # The folder is self-contained: the runner needs the processor and config beside the graphs.
     processor.save_pretrained(staging)
     model.config.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)  # eos / pad ids for the runner's callers
     text = adapter.text_config(model.config)
     meta = {
         "decoder": {
