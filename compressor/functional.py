@@ -292,7 +292,8 @@ def measure(
         sums = Sums(num_blocks)
         # Timed apart: the recording forward pass, and the replays of the scan (the ratio of
         # the two is the scan's cost in forward passes).
-        for batch in tqdm(list(batches()), desc=label, unit="batch", disable=not progress):
+        total = -(-len(samples) // batch_size)
+        for batch in tqdm(batches(), total=total, desc=label, unit="batch", disable=not progress):
             with watch.time(f"{label}_forward"):
                 t = trace(model, adapter, head, batch, skip)
             with watch.time(f"{label}_replay"):
