@@ -46,13 +46,15 @@ class CalibrationOptions:
     max_span: int = 4
     # Functional measurements (functional.py), off by default: they cost extra passes.
     ablation: bool = False  # skip-one scan: loss increase and KL per block (~L/2 forward passes)
-    greedy: int = 0  # SLEB-style greedy removal order up to this many blocks (~L/2 passes each); -1: half
+    greedy: int = 0  # SLEB-style greedy removal order up to this many blocks (~L/2 passes each)
+    greedy_fraction: float = 0.0  # ... or up to this fraction of the blocks (whichever is more)
+    greedy_keep: tuple[int, ...] = ()  # blocks the greedy search never removes (negatives count from the end)
 
     attention: bool = False  # visual attention ratio per block (one eager-attention pass)
 
     @property
     def functional(self) -> bool:
-        return self.ablation or self.greedy != 0 or self.attention
+        return self.ablation or self.greedy > 0 or self.greedy_fraction > 0 or self.attention
 
 
 class _Stat:
@@ -283,6 +285,8 @@ def calibrate(
                 max_length=options.max_length,
                 ablation=options.ablation,
                 greedy=options.greedy,
+                greedy_fraction=options.greedy_fraction,
+                greedy_keep=options.greedy_keep,
                 attention=options.attention,
                 progress=progress,
             )

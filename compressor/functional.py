@@ -267,6 +267,8 @@ def measure(
     ablation: bool,
     greedy: int,
     attention: bool,
+    greedy_fraction: float = 0.0,
+    greedy_keep: tuple[int, ...] = (),
     progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run the requested functional measurements (inside calibration's no-grad, eval context).
@@ -307,13 +309,17 @@ def measure(
             out["ablation_loss"] = {"all": first["loss_increase"]}
             out["ablation_kl"] = {"all": first["kl"]}
             out["ablation"] = {"base_loss": first["base_loss"], "tokens": first["tokens"], "scored": _scored_kind(samples)}
-    if greedy < 0:  # "as far as a fraction could ask": half the blocks
-        greedy = max(1, num_blocks // 2)
+    # Blocks a recipe protects are never candidates: the order is then the one the recipe can use.
+    keep = {i % num_blocks for i in greedy_keep if -num_blocks <= i < num_blocks}
+    removable = min(num_blocks - 1, num_blocks - len(keep))  # never every block
+    greedy = max(greedy, round(greedy_fraction * num_blocks))
     if greedy:
-        if greedy >= num_blocks:
+        if greedy > removable:
             raise InputError(
-                f"A greedy order of {greedy} blocks was asked for, but the model has {num_blocks} blocks.",
-                fix=f"use --greedy {num_blocks - 1} or less.",
+                f"A greedy order of {greedy} blocks was asked for, but the model has {num_blocks} blocks"
+                + (f" ({len(keep)} of them kept)" if keep else "")
+                + ".",
+                fix=f"use --greedy {removable} or less.",
             )
         removed: list[int] = []
         steps = []
@@ -321,12 +327,12 @@ def measure(
         for step in range(greedy):
             if step:
                 result = scan_all(frozenset(removed), "greedy")
-            candidates = [i for i in range(num_blocks) if i not in removed]
+            candidates = [i for i in range(num_blocks) if i not in removed and i not in keep]
             # Least harmful first; KL breaks exact ties (e.g. when the loss is saturated).
             pick = min(candidates, key=lambda i: (result["loss_increase"][i], result["kl"][i]))
             removed.append(pick)
             steps.append({"block": pick, "loss": result["base_loss"] + result["loss_increase"][pick], "kl": result["kl"][pick]})
-        out["greedy"] = {"base_loss": first["base_loss"], "order": removed, "steps": steps}
+        out["greedy"] = {"base_loss": first["base_loss"], "order": removed, "steps": steps, "kept": sorted(keep)}
     if attention:
         image_token_id = adapter.image_token_id(model.config)
         if image_token_id is None:

@@ -97,10 +97,16 @@ def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationO
         if isinstance(select, Span) and select.n > options.max_span:
             options = replace(options, max_span=select.n)
         if isinstance(select, Greedy):
-            # Enough greedy steps for the count (a fraction is resolved against the block count
-            # at plan time; the order is measured up to half the blocks then, see functional.py).
-            wanted = select.count if select.count is not None else -1
-            options = replace(options, greedy=max(options.greedy, wanted))
+            # Measure as many greedy steps as the selection takes, searching only the blocks it
+            # may remove (its protected ones are kept out of the order).
+            p = select.protect
+            keep = (*range(p.first), *(-(i + 1) for i in range(p.last)), *p.blocks)
+            options = replace(
+                options,
+                greedy=max(options.greedy, select.count or 0),
+                greedy_fraction=max(options.greedy_fraction, select.fraction or 0.0),
+                greedy_keep=tuple(sorted(set(keep))),
+            )
     return options
 
 

@@ -194,6 +194,7 @@ def test_cli_calibrate_functional_options_and_run_with_a_greedy_recipe(tiny_mode
     assert code == 0, captured.err
     assert "greedy order" in captured.out
     report = json.loads((tmp_path / "run" / "calibration.json").read_text())
-    assert len(report["metrics"]["greedy"]["order"]) >= 2  # `run` measured what the recipe reads
+    greedy = report["metrics"]["greedy"]
+    assert len(greedy["order"]) == 2 and 0 not in greedy["order"] and greedy["kept"] == [0]  # searched as the recipe allows
     code = main(["calibrate", str(tiny.path), "--data", str(tiny.data), "-o", str(tmp_path / "x.json"), "--greedy", "6"])
     assert code == 2 and "--greedy 5 or less" in capsys.readouterr().err

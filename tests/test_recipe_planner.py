@@ -45,7 +45,10 @@ def test_shipped_recipes_validate_and_plan(path):
     loaded = load_recipe(path).recipe
     spans = {n: [0.1 * (n + i % 3) for i in range(8 - n + 1)] for n in range(1, 5)}
     values = {"block_influence": BI, "tail": [0.0] * 8}
-    result = plan(loaded, 8, report(values, spans) if loaded.needs_calibration else None)
+    measured = report(values, spans)
+    order = [4, 2, 5, 1, 3, 6]  # a greedy order among the unprotected blocks
+    measured.metrics["greedy"] = {"order": order, "steps": [{"block": b, "loss": 1.0 + i, "kl": 0.1} for i, b in enumerate(order)]}
+    result = plan(loaded, 8, measured if loaded.needs_calibration else None)
     assert 0 < len(result.removed) < 8
     assert set(result.kept).isdisjoint(result.removed_indices)
 
