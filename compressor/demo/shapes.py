@@ -1,15 +1,22 @@
-"""The demo's synthetic visual question set: coloured shapes on a grid.
+"""The demo's synthetic visual question sets: coloured shapes on a grid.
 
-This module owns the task the demo model is trained and evaluated on: it draws images of
-coloured shapes placed in the cells of a small grid, asks questions about them (counting,
-colour, shape), and writes the train / calibration / evaluation splits as PNG files plus
-JSONL files in the layout `compressor.data.load_samples` reads. Everything is drawn from a
-seeded generator, so a seed always gives byte-identical files, offline.
+This module owns the tasks the demo model is trained and evaluated on: it draws images of
+coloured shapes placed in the cells of a small grid, asks questions about them, and writes
+the train / calibration / evaluation splits as PNG files plus JSONL files in the layout
+`compressor.data.load_samples` reads. Everything is drawn from a seeded generator, so a
+seed always gives byte-identical files, offline.
 
-The task is chosen so that a small model learns it well in minutes but needs its depth:
-plain counting is easy, while questions that bind a colour to a shape in the same cell
-("what color is the circle ?", "how many red squares are there ?") take several layers of
-attention, so removing decoder blocks costs visible accuracy.
+Two tasks share the images and the answer format:
+
+* ``shapes`` (the demo's): counting, overall, by colour, by shape, and by a colour bound to
+  a shape ("how many red squares are there ?"). A small model learns it well in minutes;
+  plain counting is easy, the bound counts take several layers of attention.
+* ``relations`` (harder, for the quality benchmark): in denser scenes, the colour of the
+  one circle, the shape of the one red object, and the same two questions about the
+  object next to it ("what color is left of the circle ?", "what shape is above the red one ?"). A relation is a chain — find
+  the named object, step to its neighbour, read an attribute — so it needs more of the
+  decoder's depth, the model does not saturate within the demo's training budget, and
+  removing decoder blocks costs clearly more accuracy than on ``shapes``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 PLURAL = {shape: shape + "s" for shape in SHAPES}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+# Neighbouring cell in each direction, as (row step, column step), and how a prompt says it.
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}
+PHRASES = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 
 # An object is (cell index, colour name, shape name); an image is a tuple of objects
 # sorted by cell, which is also its identity for keeping the splits disjoint.
@@ -93,10 +103,11 @@ def _shape_masks() -> dict[str, np.ndarray]:
 MASKS = _shape_masks()
 
 
-def vocabulary() -> list[str]:
-    """Every word a prompt or an answer of this task uses (punctuation included)."""
+def vocabulary(task: str = "shapes") -> list[str]:
+    """Every word a prompt or an answer of ``task`` uses (punctuation included)."""
+    spec = task_spec(task)
     words = {"how", "many", "shapes", "are", "there", "what", "color", "is", "the", "shape", "one", "a", "yes", "no", "?"}
-    words.update(COLORS, SHAPES, PLURAL.values(), NUMBERS)
+    words.update(COLORS, SHAPES, PLURAL.values(), NUMBERS, spec.extra_words)
     return sorted(words)
 
 
@@ -114,8 +125,8 @@ def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
     return options[int(rng.integers(len(options)))]
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+def random_scene(rng: np.random.Generator, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS) -> Scene:
+    count = int(rng.integers(min_objects, max_objects + 1))
     cells = sorted(rng.choice(GRID * GRID, size=count, replace=False).tolist())
     colors = list(COLORS)
     return tuple((cell, colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))]) for cell in cells)
@@ -175,28 +186,107 @@ def _exists(scene: Scene, rng: np.random.Generator) -> Question | None:
     return Question("exists", f"is there a {color} {shape} ?", f"{color} {shape}", "yes" if want_yes else "no")
 
 
-QUESTION_TYPES: dict[str, Callable[[Scene, np.random.Generator], Question | None]] = {
+def neighbour(scene: Scene, cell: int, direction: str) -> Obj | None:
+    """The object in the cell next to ``cell`` in ``direction`` (None if empty or off the grid)."""
+    row, col = divmod(cell, GRID)
+    step_row, step_col = DIRECTIONS[direction]
+    row, col = row + step_row, col + step_col
+    if not (0 <= row < GRID and 0 <= col < GRID):
+        return None
+    return next((obj for obj in scene if obj[0] == row * GRID + col), None)
+
+
+def _relation(scene: Scene, rng: np.random.Generator, *, ask: str) -> Question | None:
+    """What colour (``ask="color"``) or shape is next to an object named by its other attribute.
+
+    The named object is the only one of its shape (asking its neighbour's colour) or of its
+    colour (asking its neighbour's shape), so the reference is unambiguous, and only
+    directions where a neighbour stands are asked: every answer needs the chain "find the
+    object, step to the neighbour, read it", none is decided by an empty cell.
+    """
+    by = 2 if ask == "color" else 1  # index of the naming attribute in an Obj
+    named = [obj for obj in scene if sum(o[by] == obj[by] for o in scene) == 1]
+    pairs = [(obj, d, n) for obj in named for d in DIRECTIONS if (n := neighbour(scene, obj[0], d)) is not None]
+    if not pairs:
+        return None
+    obj, direction, other = _pick(rng, pairs)
+    if ask == "color":
+        return Question("color_next_to", f"what color is {PHRASES[direction]} the {obj[2]} ?", f"{direction} {obj[2]}", other[1])
+    return Question("shape_next_to", f"what shape is {PHRASES[direction]} the {obj[1]} one ?", f"{direction} {obj[1]}", other[2])
+
+
+def _color_next_to(scene: Scene, rng: np.random.Generator) -> Question | None:
+    return _relation(scene, rng, ask="color")
+
+
+def _shape_next_to(scene: Scene, rng: np.random.Generator) -> Question | None:
+    return _relation(scene, rng, ask="shape")
+
+
+QuestionType = Callable[[Scene, np.random.Generator], Question | None]
+
+QUESTION_TYPES: dict[str, QuestionType] = {
     "count_all": _count_all,
     "count_color": _count_color,
     "count_shape": _count_shape,
     "count_both": _count_both,
 }
 
+RELATION_TYPES: dict[str, QuestionType] = {
+    "color_of": _color_of,
+    "shape_of": _shape_of,
+    "color_next_to": _color_next_to,
+    "shape_next_to": _shape_next_to,
+}
 
-def _samples(rng: np.random.Generator) -> Iterator[tuple[Scene, Question]]:
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A demo task: its question types (asked in equal shares) and its scenes."""
+
+    questions: dict[str, QuestionType]
+    min_objects: int = MIN_OBJECTS
+    max_objects: int = MAX_OBJECTS
+    extra_words: frozenset[str] = frozenset()  # beyond the shared vocabulary
+
+
+TASKS: dict[str, TaskSpec] = {
+    "shapes": TaskSpec(QUESTION_TYPES),
+    # Denser scenes than "shapes" so that most named objects have a neighbour to ask about;
+    # at most 8 of 16 cells so that an object is still often the only one of its shape.
+    "relations": TaskSpec(RELATION_TYPES, min_objects=3, max_objects=8, extra_words=frozenset(" ".join(PHRASES.values()).split())),
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The spec of a known task; a ValueError naming the known tasks otherwise."""
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def _samples(rng: np.random.Generator, spec: TaskSpec) -> Iterator[tuple[Scene, Question]]:
     """An endless stream of (scene, question), question types in equal shares.
 
-    No scene is ever repeated, so the splits cut from this stream share no image.
+    No scene is ever repeated, so the splits cut from this stream share no image. A scene
+    that cannot carry the drawn question type (no unique shape to ask about, say) is
+    skipped and the type is kept for the next scene, so rarely possible types still get
+    their share. "shapes" questions always fit, so its stream draws exactly what it always
+    has and its cached data sets stay valid.
     """
     seen: set[Scene] = set()
-    kinds = list(QUESTION_TYPES)
+    kinds = list(spec.questions)
+    kind: str | None = None
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, spec.min_objects, spec.max_objects)
         if scene in seen:
             continue
-        question = QUESTION_TYPES[kinds[int(rng.integers(len(kinds)))]](scene, rng)
+        if kind is None:
+            kind = kinds[int(rng.integers(len(kinds)))]
+        question = spec.questions[kind](scene, rng)
         if question is None:
             continue
+        kind = None
         seen.add(scene)
         yield scene, question
 
@@ -218,11 +308,12 @@ def _write_split(out_dir: Path, name: str, items: list[tuple[Scene, Question]]) 
     return jsonl
 
 
-def generate_dataset(out_dir: Path, *, seed: int, n_train: int, n_calibration: int, n_eval: int) -> DemoSplits:
-    """Write the three splits (PNG images + JSONL) into ``out_dir``; deterministic in ``seed``."""
+def generate_dataset(out_dir: Path, *, seed: int, n_train: int, n_calibration: int, n_eval: int, task: str = "shapes") -> DemoSplits:
+    """Write the three splits (PNG images + JSONL) of ``task`` into ``out_dir``; deterministic in ``seed``."""
+    spec = task_spec(task)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stream = _samples(np.random.default_rng(seed))
+    stream = _samples(np.random.default_rng(seed), spec)
     sizes = {"train": n_train, "calibration": n_calibration, "eval": n_eval}
     paths = {name: _write_split(out_dir, name, [next(stream) for _ in range(size)]) for name, size in sizes.items()}
-    logger.info("wrote demo dataset to %s (%s)", out_dir, sizes)
+    logger.info("wrote demo %s dataset to %s (%s)", task, out_dir, sizes)
     return DemoSplits(**paths)
