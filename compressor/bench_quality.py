@@ -123,7 +123,7 @@ def spearman(a: list[float | None], b: list[float | None]) -> float | None:
 
 
 # -- one task -------------------------------------------------------------------------------
-def run_task(name: str, settings: DemoSettings, *, cache: Path, eval_limit: int | None, seeds: int, threads: int) -> TaskResult:
+def run_task(name: str, settings: DemoSettings, *, cache: Path, eval_limit: int | None, seeds: int) -> TaskResult:
     torch.manual_seed(0)
     assets = ensure_demo_model(cache, settings=settings, progress=True)
     loaded = load_model(str(assets.model_dir), dtype="float32")
@@ -251,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task(s) {unknown}; known: {sorted(known)}")
     results = []
     for task in args.tasks:
-        results.append(
-            run_task(task, known[task], cache=default_cache_dir(), eval_limit=args.eval_samples, seeds=args.seeds, threads=args.threads)
-        )
+        results.append(run_task(task, known[task], cache=default_cache_dir(), eval_limit=args.eval_samples, seeds=args.seeds))
     args.output.mkdir(parents=True, exist_ok=True)
     text = markdown(results)
     (args.output / "quality.md").write_text(text + "\n")
