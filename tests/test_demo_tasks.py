@@ -97,7 +97,7 @@ def test_relations_questions_are_balanced_short_and_varied(relations):
 
 def test_relations_vocabulary_covers_every_word(relations):
     words = vocabulary("relations")
-    assert set(SHAPES_WORDS) < set(words) and {"left", "right", "above", "below", "of"} <= set(words)
+    assert set(SHAPES_WORDS) < set(words) and set(words) - set(SHAPES_WORDS) == {"left", "of", "above"}
     _, processor = build_demo_model(words, seed=0)
     tokenizer = processor.tokenizer
     for split in SPLITS:
@@ -109,11 +109,10 @@ def test_relations_vocabulary_covers_every_word(relations):
 
 def test_neighbours_stay_on_the_grid():
     scene = ((3, "red", "circle"), (4, "blue", "square"), (7, "green", "triangle"))
-    # Cells 3 and 4 are adjacent in memory but at opposite ends of two rows.
-    assert neighbour(scene, 3, "right") is None and neighbour(scene, 4, "left") is None
-    assert neighbour(scene, 3, "below") == (7, "green", "triangle")
+    # Cells 3 and 4 are adjacent in raster order but at opposite ends of two rows.
+    assert neighbour(scene, 4, "left") is None
     assert neighbour(scene, 7, "above") == (3, "red", "circle")
-    assert neighbour(scene, 3, "above") is None and neighbour(scene, 4, "right") is None
+    assert neighbour(scene, 3, "above") is None and neighbour(scene, 7, "left") is None
 
 
 def _ask(kind: str, scene: tuple) -> set[tuple[str, str] | None]:
@@ -122,32 +121,30 @@ def _ask(kind: str, scene: tuple) -> set[tuple[str, str] | None]:
 
 
 def test_relation_answers_with_a_single_choice():
-    # The circle and the red one (cell 0) are unique; of their neighbours only the right one exists.
-    scene = ((0, "red", "circle"), (1, "blue", "square"), (2, "blue", "square"))
+    # The circle and the red one (cell 2) are unique; only their left neighbour exists.
+    scene = ((1, "blue", "square"), (2, "red", "circle"), (3, "blue", "square"))
     assert _ask("color_of", scene) == {("what color is the circle ?", "circle red")}
     assert _ask("shape_of", scene) == {("what shape is the red one ?", "red circle")}
-    assert _ask("color_next_to", scene) == {("what color is right of the circle ?", "right circle blue")}
-    assert _ask("shape_next_to", scene) == {("what shape is right of the red one ?", "right red square")}
+    assert _ask("color_next_to", scene) == {("what color is left of the circle ?", "left circle blue")}
+    assert _ask("shape_next_to", scene) == {("what shape is left of the red one ?", "left red square")}
     # Nothing is unique, so nothing can be asked: the generator then draws another scene.
     twins = ((0, "red", "circle"), (1, "red", "circle"))
     assert all(_ask(kind, twins) == {None} for kind in RELATION_TYPES)
 
 
 def test_relation_answers_with_several_choices():
-    # Cells 1 and 5 share a column, as do 3 and 7; cells 3 and 4 would be adjacent in
-    # raster order but are not neighbours. Unique: triangle, square, green, yellow.
-    scene = ((1, "green", "triangle"), (3, "red", "square"), (5, "yellow", "circle"), (7, "red", "circle"))
-    assert _ask("color_of", scene) == {("what color is the triangle ?", "triangle green"), ("what color is the square ?", "square red")}
+    # Unique: the square (3), the triangle (4); blue (0), green (4), yellow (8). Cell 3 is
+    # no left neighbour of cell 4 (it ends the row above), nor cell 7 of cell 8.
+    scene = ((0, "blue", "circle"), (3, "red", "square"), (4, "green", "triangle"), (8, "yellow", "circle"), (9, "red", "circle"))
+    assert _ask("color_of", scene) == {("what color is the square ?", "square red"), ("what color is the triangle ?", "triangle green")}
     assert _ask("shape_of", scene) == {
+        ("what shape is the blue one ?", "blue circle"),
         ("what shape is the green one ?", "green triangle"),
         ("what shape is the yellow one ?", "yellow circle"),
     }
-    assert _ask("color_next_to", scene) == {
-        ("what color is below the triangle ?", "below triangle yellow"),
-        ("what color is below the square ?", "below square red"),
-    }
+    assert _ask("color_next_to", scene) == {("what color is above the triangle ?", "above triangle blue")}
     assert _ask("shape_next_to", scene) == {
-        ("what shape is below the green one ?", "below green circle"),
+        ("what shape is above the green one ?", "above green circle"),
         ("what shape is above the yellow one ?", "above yellow triangle"),
     }
 
