@@ -76,10 +76,9 @@ class Explicit(_Select):
     blocks: list[int] = Field(min_length=1)
 
 
-class Lowest(_Select, _MetricRef):
-    """Remove the ``count`` (or ``fraction``) of blocks with the lowest metric value (ShortGPT)."""
+class _HowMany(_Strict):
+    """How many blocks a ranking op removes: a ``count`` or a ``fraction`` of the blocks."""
 
-    op: Literal["lowest"]
     count: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, lt=1)
 
@@ -88,6 +87,12 @@ class Lowest(_Select, _MetricRef):
         if (self.count is None) == (self.fraction is None):
             raise ValueError("give exactly one of 'count' or 'fraction'")
         return self
+
+
+class Lowest(_HowMany, _Select, _MetricRef):
+    """Remove the ``count`` (or ``fraction``) of blocks with the lowest metric value (ShortGPT)."""
+
+    op: Literal["lowest"]
 
 
 class Condition(_MetricRef):
@@ -121,19 +126,11 @@ class Span(_Select):
     modality: Modality = "all"
 
 
-class Greedy(_Select):
+class Greedy(_HowMany, _Select):
     """Remove the first ``count`` (or ``fraction``) blocks of the greedy order (SLEB-style):
     each removal measured with the earlier ones already gone (calibrate with ``greedy``)."""
 
     op: Literal["greedy"]
-    count: int | None = Field(None, ge=1)
-    fraction: float | None = Field(None, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _count_or_fraction(self) -> Any:
-        if (self.count is None) == (self.fraction is None):
-            raise ValueError("give exactly one of 'count' or 'fraction'")
-        return self
 
 
 Selection = Annotated[Union[Explicit, Lowest, Conditions, Span, Greedy], Field(discriminator="op")]
