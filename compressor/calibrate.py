@@ -251,6 +251,11 @@ def calibrate(
     if options.num_samples is not None:
         samples = samples[: options.num_samples]
     blocks = adapter.blocks(model)
+    if options.greedy >= len(blocks):  # refused before any pass, not after the geometric one
+        raise InputError(
+            f"A greedy order of {options.greedy} blocks was asked for, but the model has {len(blocks)} blocks.",
+            fix=f"use --greedy {len(blocks) - 1} or less.",
+        )
     hooks = _MetricHooks(len(blocks), options)
     image_token_id = adapter.image_token_id(model.config)
     device = next(model.parameters()).device
