@@ -1,59 +1,160 @@
-"""The model card (README.md) of an exported checkpoint: lineage, what was removed, and why.
+"""The model card (README.md) of a pruned checkpoint: lineage, what was removed and why, how it
+was verified, and — when a validation report exists — its accuracy and latency tables, also as
+``model-index`` metadata.
 
-The card states only what compressor measured or did. It claims no accuracy: that belongs
-to the validation report, which is linked when one exists.
+One renderer serves both places a card is written: the export (from what it has in memory,
+`CardFacts` built by `export.write_provenance`) and `push` (from what the folder holds,
+`facts_from_folder`). The card states only what compressor measured or did; without a
+validation report it makes no accuracy claim.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .hub import ModelSource
+from .errors import InputError
+from .manifest import load_manifest
 from .planner import SurgeryPlan
+from .report_render import markdown_excerpt
 
 # How the weights were checked, stated on the card; each export path says what it did.
 RELOAD_VERIFIED = (
     "The exported weights were reloaded and their logits compared with the in-memory pruned model before this folder was written."
 )
+# The Hub knows four relations (adapter, merge, quantized, finetune). A depth-pruned model is
+# the base's own weights, fewer of them, with no training: the Hub lists such compressed,
+# untrained derivatives under "quantized", and the card's text says what was really done.
+BASE_MODEL_RELATION = "quantized"
 
 
-def render_card(
-    *,
-    name: str,
-    source: ModelSource | None,
-    family: str,
-    multimodal: bool,
-    plan: SurgeryPlan,
-    params_before: int,
-    params_after: int,
-    versions: dict[str, str],
-    calibration: dict[str, Any] | None = None,
-    verification: str = RELOAD_VERIFIED,
-) -> str:
-    front: dict[str, Any] = {}
-    if source is not None and source.hub_id:
-        front["base_model"] = source.hub_id
-    front["library_name"] = "transformers"
-    front["pipeline_tag"] = "image-text-to-text" if multimodal else "text-generation"
-    front["tags"] = ["pruned", "depth-pruning", "compressor", family]
-    base = (source.hub_id or source.ref) if source else "an unnamed model"
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything a card states, wherever it was read from."""
+
+    name: str
+    plan: SurgeryPlan
+    family: str
+    multimodal: bool
+    params_before: int
+    params_after: int
+    source: dict[str, Any] = field(default_factory=dict)  # ref, hub_id, revision, license
+    versions: dict[str, str] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)  # each with a "detail" sentence
+    calibration: dict[str, Any] | None = None
+    recipe_text: str | None = None
+    command: str | None = None
+    architecture: str | None = None
+    report: dict[str, Any] | None = None
+    report_path: str | None = None  # where the full report sits in the pushed repo
+
+    @property
+    def pipeline_tag(self) -> str:
+        return "image-text-to-text" if self.multimodal else "text-generation"
+
+
+def facts_from_folder(folder: Path, *, name: str, report: dict[str, Any] | None = None, report_path: str | None = None) -> CardFacts:
+    """Read a checkpoint folder written by compressor (its manifest, plan, calibration, recipe, config)."""
+    manifest = load_manifest(folder)
+    if manifest is None:
+        raise InputError(f"'{folder}' has no compressor.json.", fix="pass a folder written by `compressor prune` or `compressor run`.")
+    plan = SurgeryPlan.load(folder / "plan.json")
+    calibration = folder / "calibration.json"
+    recipe = folder / "recipe.yaml"
+    config = json.loads((folder / "config.json").read_text())
+    return CardFacts(
+        name=name,
+        plan=plan,
+        family=manifest["family"],
+        multimodal=bool(manifest["multimodal"]),
+        params_before=manifest["params"]["before"],
+        params_after=manifest["params"]["after"],
+        source=manifest.get("source") or {},
+        versions=manifest.get("versions") or {},
+        checks=manifest.get("verification") or [],
+        calibration=json.loads(calibration.read_text()) if calibration.is_file() else None,
+        recipe_text=recipe.read_text() if recipe.is_file() else None,
+        command=manifest.get("command"),
+        architecture=(config.get("architectures") or [None])[0],
+        report=report,
+        report_path=report_path,
+    )
+
+
+def front_matter(facts: CardFacts, *, license: str | None = None) -> str:
+    """The card's YAML metadata, through huggingface_hub's own ModelCardData (which checks it)."""
+    from huggingface_hub import ModelCardData
+
+    hub_id = facts.source.get("hub_id")
+    extra = {"base_model_relation": BASE_MODEL_RELATION} if hub_id else {}
+    data = ModelCardData(
+        base_model=hub_id or None,
+        library_name="transformers",
+        pipeline_tag=facts.pipeline_tag,
+        license=license or facts.source.get("license") or None,
+        tags=["pruned", "depth-pruning", "compressor", facts.family],
+        model_name=facts.name if facts.report else None,
+        eval_results=eval_results(facts) or None,
+        **extra,
+    )
+    return data.to_yaml()
+
+
+def eval_results(facts: CardFacts) -> list[Any]:
+    """The pruned model's validation figures as model-index entries (accuracies in %)."""
+    from huggingface_hub import EvalResult
+
+    if not facts.report:
+        return []
+    data = facts.report.get("data") or {}
+    dataset = Path(str(data.get("path") or "evaluation data")).name
+    common = {"task_type": facts.pipeline_tag, "dataset_type": "json", "dataset_name": dataset}
+    results = []
+    tasks = (facts.report.get("accuracy") or {}).get("tasks") or {}
+    for task, entry in tasks.items():
+        if not entry or entry.get("pruned") is None:
+            continue
+        metric = entry.get("metric") or task
+        percent = task != "perplexity"
+        value = round(100 * entry["pruned"], 2) if percent else round(entry["pruned"], 4)
+        label = f"{task} {metric}" + (" (%)" if percent else "")
+        results.append(EvalResult(metric_type=metric, metric_value=value, metric_name=label, **common))
+    agreement = ((facts.report.get("accuracy") or {}).get("fidelity") or {}).get("top1_agreement")
+    if agreement is not None:
+        results.append(
+            EvalResult(
+                metric_type="top1_agreement",
+                metric_value=round(100 * agreement, 2),
+                metric_name="top-1 agreement with the base model (%)",
+                **common,
+            )
+        )
+    return results
+
+
+def render_card(facts: CardFacts, *, license: str | None = None, repo_id: str | None = None, warnings: list[str] | None = None) -> str:
+    """The README.md; ``warnings`` (a push forced past a failed check) go right under the title."""
+    plan = facts.plan
     removed = plan.removed_indices
+    base = facts.source.get("hub_id") or facts.source.get("ref") or "an unnamed model"
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
+        front_matter(facts, license=license).strip(),
         "---",
         "",
-        f"# {name}",
+        f"# {facts.name}",
         "",
+        *(f"> **Warning:** {w}\n" for w in warnings or []),
         f"`{base}` with {len(removed)} of its {plan.num_blocks} text-decoder blocks removed "
-        f"(depth pruning with compressor, recipe `{plan.recipe}`, op `{plan.op}`).",
+        f"(depth pruning with compressor, recipe `{plan.recipe}`, op `{plan.op}`). The remaining weights are the "
+        "base model's own, unchanged and not retrained.",
         "",
         "| | original | pruned |",
         "|---|---:|---:|",
         f"| decoder blocks | {plan.num_blocks} | {len(plan.kept)} |",
-        f"| parameters | {params_before:,} | {params_after:,} ({params_after / params_before:.1%}) |",
+        f"| parameters | {facts.params_before:,} | {facts.params_after:,} ({facts.params_after / facts.params_before:.1%}) |",
         "",
         "## Removed blocks",
         "",
@@ -65,26 +166,82 @@ def render_card(
         "",
         f"Kept blocks (original numbering): {plan.kept}.",
         "",
+        *_evaluation(facts),
+        *_usage(facts, repo_id),
         "## How it was made",
         "",
+        *_making(facts),
+        "## Limitations",
+        "",
+        "Removing blocks changes the model's behaviour. "
+        + (
+            "The figures above hold for the evaluation data named there; "
+            if facts.report
+            else "This card makes no accuracy claim (no validation report was published with it); "
+        )
+        + "compare the original and the pruned model on your own task before relying on it.",
+        "",
     ]
-    if calibration:
-        data = calibration.get("data", {})
+    return "\n".join(lines)
+
+
+def _evaluation(facts: CardFacts) -> list[str]:
+    if not facts.report:
+        return []
+    data = facts.report.get("data") or {}
+    env = facts.report.get("environment") or {}
+    lines = [
+        "## Evaluation",
+        "",
+        f"Measured by `compressor validate` against `{facts.report.get('models', {}).get('base', {}).get('ref', 'the base model')}` "
+        f"on {data.get('num_samples', '?')} samples of `{Path(str(data.get('path', '?'))).name}` "
+        f"({env.get('device', '?')}, {env.get('dtype', '?')}).",
+        "",
+        markdown_excerpt(facts.report, level=3),
+    ]
+    if facts.report_path:
+        link = f"[`{facts.report_path}`]({facts.report_path})"
+        lines += [f"The whole report (per-sample results, calibration metrics, environment): {link}.", ""]
+    return lines
+
+
+def _usage(facts: CardFacts, repo_id: str | None) -> list[str]:
+    if not facts.architecture:
+        return []
+    where = repo_id or facts.name
+    loader = "AutoProcessor" if facts.multimodal else "AutoTokenizer"
+    return [
+        "## Use",
+        "",
+        "```python",
+        f"from transformers import {loader}, {facts.architecture}",
+        "",
+        f'model = {facts.architecture}.from_pretrained("{where}")',
+        f'{loader.removeprefix("Auto").lower()} = {loader}.from_pretrained("{where}")',
+        "```",
+        "",
+    ]
+
+
+def _making(facts: CardFacts) -> list[str]:
+    lines = []
+    if facts.calibration:
+        data = facts.calibration.get("data", {})
         lines.append(
             f"- Calibration: {data.get('num_samples')} samples from `{data.get('path')}` "
             f"(sha256 `{str(data.get('sha256'))[:16]}…`), metrics in `calibration.json`."
         )
     else:
-        lines.append("- No calibration: the recipe lists the blocks explicitly.")
-    lines += [
-        "- `recipe.yaml` is the recipe used; `plan.json` lists the removed blocks with the metric values that chose them.",
-        f"- {verification}",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
-        "",
-        "## Limitations",
-        "",
-        "Removing blocks changes the model's behaviour. This card makes no accuracy claim; "
-        "compare the original and the pruned model on your own task before relying on it.",
-        "",
-    ]
-    return "\n".join(lines)
+        lines.append("- No calibration: the blocks were listed explicitly.")
+    lines.append("- `recipe.yaml` is the recipe used; `plan.json` lists the removed blocks with the metric values that chose them.")
+    lines += [f"- {check['detail']}" for check in facts.checks if check.get("detail")]
+    if facts.versions:
+        lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(facts.versions.items())) + ".")
+    lines.append("")
+    if facts.command or facts.recipe_text:
+        lines += ["### Reproduce", ""]
+        if facts.command:
+            lines += ["```bash", facts.command, "```", ""]
+        if facts.recipe_text:
+            lines += ["with `recipe.yaml`:", "", "```yaml", facts.recipe_text.rstrip(), "```", ""]
+    return lines

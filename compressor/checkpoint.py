@@ -83,7 +83,7 @@ DTYPE_BYTES = {
 # (they describe how the *source* was made; the output gets its own).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".npz")
 _WEIGHT_INDEX = re.compile(r".+\.(safetensors|bin)\.index(\.\w+)?\.json$")
-_LINEAGE_FILES = frozenset({"README.md", "plan.json", "recipe.yaml", "calibration.json"})
+_LINEAGE_FILES = frozenset({"README.md", "plan.json", "recipe.yaml", "calibration.json", "compressor.json"})
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 
 # Errors that mean "this copy method is not available here" (file system, kernel, sandbox;

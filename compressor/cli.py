@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .errors import CompressorError
+from .errors import CompressorError, InputError
 
 log = logging.getLogger("compressor")
 _state = {"verbose": False, "quiet": False}
@@ -294,6 +294,8 @@ def prune_command(
 @click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/hf/onnx [recipe's export.formats].")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder for everything of the run.")
 @click.option("--overwrite", is_flag=True)
+@click.option("--push", "push_to", metavar="ORG/NAME", help="After a passing validation, push OUTPUT to this Hub repository.")
+@click.option("--push-private", is_flag=True, help="With --push: create the repository private.")
 @_calibration_options
 @_device_options
 @_verbosity
@@ -308,16 +310,28 @@ def run_command(
     onnx: bool | None,
     output: Path,
     overwrite: bool,
+    push_to: str | None,
+    push_private: bool,
     device: str,
     dtype: str,
     **kwargs: Any,
 ) -> None:
-    """Run the whole chain RECIPE describes: calibrate → plan → prune → export (→ validate)."""
+    """Run the whole chain RECIPE describes: calibrate → plan → prune → export (→ validate → push)."""
     from .pipeline import run
+    from .push import check_repo_id, prepare, push, resolve_token
     from .recipe import load_recipe
 
+    recipe_file = load_recipe(recipe)
+    if push_to:  # everything push needs is checked before hours of calibration, not after
+        check_repo_id(push_to)
+        resolve_token()
+        if eval_data is None and not (recipe_file.recipe.thresholds and recipe_file.recipe.thresholds.data):
+            raise InputError(
+                "--push publishes only after a passing validation, and this run has no evaluation data.",
+                fix="pass --eval FILE.jsonl (or set validate.data in the recipe).",
+            )
     result = run(
-        load_recipe(recipe),
+        recipe_file,
         output,
         model_ref=model,
         data=data,
@@ -334,7 +348,12 @@ def run_command(
     if result.validation is not None:
         log.info("validation report: %s/report.{json,md,html}", result.validation.out_dir)
         click.echo(result.validation.verdict_line())
-        ctx.exit(0 if result.validation.passed else 1)
+        if not result.validation.passed:
+            if push_to:
+                click.echo(f"not pushed to {push_to}: the validation gate failed")
+            ctx.exit(1)
+    if push_to:
+        _report_push(push(prepare(output, push_to), private=push_private))
 
 
 def _report_prune(result: Any) -> None:
@@ -478,6 +497,51 @@ def validate_command(
     ctx.exit(0 if result.passed else 1)
 
 
+@cli.command("push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Target repository, ORG/NAME (created if needed).")
+@click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its visibility).")
+@click.option("--revision", help="Branch to push to (created from main if needed) [main].")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", help="Commit title [a summary of the pruning].")
+@click.option("--report", type=click.Path(path_type=Path), help="Validation report (report.json or its folder) [FOLDER/report of a run].")
+@click.option("--license", "license_", help="Licence for the card [the base model's, when its card states one].")
+@click.option("--dry-run", is_flag=True, help="Print the files, sizes, target and card; upload nothing (no token needed).")
+@click.option("--force", is_flag=True, help="Push even if the folder changed since export or its validation gate failed.")
+@_verbosity
+def push_command(
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    report: Path | None,
+    license_: str | None,
+    dry_run: bool,
+    force: bool,
+) -> None:
+    """Upload a pruned checkpoint (a `prune` or `run` folder) to the Hugging Face Hub with a fresh model card."""
+    from .push import prepare, push
+
+    plan = prepare(folder, repo_id, report=report, license=license_, force=force)
+    if dry_run:
+        click.echo(plan.describe(private=private, revision=revision, create_pr=create_pr))
+        click.echo("\n--- README.md ---\n" + plan.card)
+        click.echo("dry run: nothing uploaded")
+        return
+    _report_push(push(plan, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message))
+
+
+def _report_push(result: Any) -> None:
+    click.echo(f"{'created' if result.created_repo else 'updated'} {result.repo_url}")
+    click.echo(f"commit: {result.commit_url}")
+    if result.pr_url:
+        click.echo(f"pull request: {result.pr_url}")
+    if result.deleted:
+        click.echo(f"removed stale files: {', '.join(result.deleted)}")
+
+
 @cli.command("demo")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("exports/demo"), show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe to apply [the recommended shipped one].")
@@ -530,6 +594,9 @@ def arch_list() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map failures to exit codes (2 usage, 1 gate/bug)."""
+    from .manifest import record_invocation
+
+    record_invocation(list(argv) if argv is not None else sys.argv[1:])
     try:
         code = cli.main(args=argv, prog_name="compressor", standalone_mode=False)
     except click.exceptions.Abort:

@@ -62,3 +62,13 @@ class VerificationError(CompressorError):
     """An export did not reproduce the in-memory model; nothing was written."""
 
     exit_code = 1
+
+
+class PushRefusedError(CompressorError):
+    """A folder that is not fit to publish: unverified, changed since export, or gate-failed."""
+
+    exit_code = 1
+
+
+class HubError(CompressorError):
+    """The Hugging Face Hub could not be used: no token, a rejected one, no network, no rights."""

@@ -19,10 +19,10 @@ import torch
 
 from .architectures import Adapter
 from .calibrate import CalibrationReport, environment
-from .card import RELOAD_VERIFIED, render_card
+from .card import RELOAD_VERIFIED, CardFacts, render_card
 from .data import Sample, build_batch, is_multimodal
 from .errors import VerificationError
-from .hub import ModelSource
+from .hub import ModelSource, base_license
 from .planner import SurgeryPlan
 from .staging import staged_dir
 from .surgery import count_parameters
@@ -121,20 +121,27 @@ def write_provenance(
     plan.save(folder / "plan.json")
     if calibration is not None:
         calibration.save(folder / "calibration.json")
-    (folder / "README.md").write_text(
-        render_card(
-            name=name,
-            source=source,
-            family=adapter.family,
-            multimodal=adapter.multimodal,
-            plan=plan,
-            params_before=params_before,
-            params_after=params_after,
-            versions=environment(),
-            calibration=calibration.to_dict() if calibration else None,
-            verification=verification,
-        )
+    facts = CardFacts(
+        name=name,
+        plan=plan,
+        family=adapter.family,
+        multimodal=adapter.multimodal,
+        params_before=params_before,
+        params_after=params_after,
+        source=source_facts(source),
+        versions=environment(),
+        checks=[{"detail": verification}],
+        calibration=calibration.to_dict() if calibration else None,
+        recipe_text=recipe_text,
     )
+    (folder / "README.md").write_text(render_card(facts))
+
+
+def source_facts(source: ModelSource | None) -> dict[str, Any]:
+    """What the manifest and the card say about the base model."""
+    if source is None:
+        return {}
+    return {"ref": source.ref, "hub_id": source.hub_id, "revision": source.revision, "license": base_license(source.path)}
 
 
 def verify_reload(model: Any, processor: Any, adapter: Adapter, folder: Path, samples: list[Sample]) -> float:

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from .errors import InputError
 
 # What a checkpoint needs to load and to be re-exported; no optimizer states, no other formats.
@@ -21,6 +23,7 @@ _CHECKPOINT_FILES = [
     "*.model",
     "*.txt",
     "*.tiktoken",
+    "README.md",  # the base model's card: its licence is inherited by the pruned model's card
 ]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -74,3 +77,17 @@ def _download(hub_id: str, revision: str | None) -> Path:
             fix="check the network, or download it once and pass the local folder.",
         ) from None
     return Path(folder)
+
+
+def base_license(folder: Path) -> str | None:
+    """The ``license`` in the front matter of ``folder/README.md`` (a Hub model card), if any."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        license_ = (metadata_load(card) or {}).get("license")
+    except (OSError, ValueError, yaml.YAMLError):  # an unreadable card, or broken front matter, states no licence
+        return None
+    return str(license_) if license_ else None

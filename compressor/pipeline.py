@@ -14,14 +14,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .architectures import adapter_for_config
-from .calibrate import CalibrationOptions, CalibrationReport, calibrate
-from .checkpoint import CheckpointResult, rewrite_checkpoint
+from .architectures import Adapter, adapter_for_config
+from .calibrate import CalibrationOptions, CalibrationReport, calibrate, environment
+from .card import RELOAD_VERIFIED, facts_from_folder, render_card
+from .checkpoint import VERIFIED_OUT_OF_CORE, CheckpointResult, rewrite_checkpoint
 from .data import Sample, file_sha256, load_samples
 from .errors import InputError, PlanError
-from .export import ExportResult, export_hf
-from .hub import resolve_model_ref
+from .export import ExportResult, export_hf, source_facts
+from .hub import ModelSource, resolve_model_ref
 from .loading import LoadedModel, load_config, load_model
+from .manifest import write_manifest
 from .onnx_export import OnnxExportResult, export_onnx
 from .planner import SurgeryPlan, plan
 from .recipe import FUNCTIONAL_METRICS, Conditions, ExportOptions, Greedy, Lowest, Recipe, RecipeFile, Span
@@ -50,22 +52,62 @@ def onnx_tolerance(recipe_file: RecipeFile | None, onnx: bool | None) -> float |
 
 
 def write_checkpoint(
-    write: Callable[[Path, bool], Any], out: Path | str, *, overwrite: bool, onnx: float | None
+    write: Callable[[Path, bool], Any],
+    out: Path | str,
+    *,
+    overwrite: bool,
+    onnx: float | None,
+    source: ModelSource,
+    adapter: Adapter,
+    plan: SurgeryPlan,
 ) -> tuple[Any, OnnxExportResult | None]:
     """Run ``write(folder, overwrite)`` (an HF export); with ``onnx`` (the tolerance), also
     export the written checkpoint to ONNX in ``onnx/`` inside it. Both are verified inside one
-    staging folder, so ``out`` appears only when both passed."""
-    if onnx is None:
-        return write(Path(out), overwrite), None
+    staging folder, which gets its manifest (`manifest.py`) last: ``out`` appears only when
+    everything passed, and then says what was checked."""
+    if Path(out).resolve() == source.path.resolve():
+        raise InputError(f"Output '{out}' is the source checkpoint itself.", fix="write the pruned checkpoint to another folder.")
     with staged_dir(out, overwrite=overwrite) as staging:
         hf = staging / "hf"
         result = write(hf, False)
-        graphs = export_onnx(hf, hf / "onnx", tolerance=onnx)
+        graphs = export_onnx(hf, hf / "onnx", tolerance=onnx) if onnx is not None else None
         for entry in list(hf.iterdir()):
             entry.rename(staging / entry.name)
         hf.rmdir()
+        checks = [_reload_check(result)] + ([_onnx_check(graphs, onnx)] if graphs is not None and onnx is not None else [])
+        facts = {
+            "source": source_facts(source),
+            "versions": environment(),
+            "family": adapter.family,
+            "multimodal": adapter.multimodal,
+            "blocks": {"before": plan.num_blocks, "after": len(plan.kept), "removed": plan.removed_indices},
+            "params": {"before": result.params_before, "after": result.params_after},
+        }
+        write_manifest(staging, checks=checks, facts=facts)
+        # The card again, now from the folder: it can state every check, the ONNX one included.
+        (staging / "README.md").write_text(render_card(facts_from_folder(staging, name=Path(out).name)))
     final = Path(out).resolve()
-    return replace(result, path=final), replace(graphs, path=final / "onnx")
+    return replace(result, path=final), replace(graphs, path=final / "onnx") if graphs is not None else None
+
+
+def _reload_check(result: ExportResult | CheckpointResult) -> dict[str, Any]:
+    if isinstance(result, ExportResult):
+        return {"check": "hf-reload", "passed": True, "max_abs_diff": result.max_abs_diff, "detail": RELOAD_VERIFIED}
+    return {"check": "out-of-core-headers", "passed": True, "detail": VERIFIED_OUT_OF_CORE}
+
+
+def _onnx_check(graphs: OnnxExportResult, tolerance: float) -> dict[str, Any]:
+    return {
+        "check": "onnx-parity",
+        "passed": True,
+        "layout": graphs.layout,
+        "provider": graphs.provider,
+        "max_abs_diff": graphs.max_abs_diff,
+        "tolerance": tolerance,
+        "greedy_tokens": graphs.greedy_tokens,
+        "detail": f"ONNX graphs ({graphs.layout} layout) compared with PyTorch on {graphs.provider}; "
+        f"{graphs.greedy_tokens} greedy tokens identical.",
+    }
 
 
 def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationOptions:
@@ -262,6 +304,9 @@ def prune_out_of_core(
         out,
         overwrite=overwrite,
         onnx=onnx_tolerance(recipe_file, onnx),
+        source=source,
+        adapter=adapter,
+        plan=fixed_plan,
     )
     return PruneResult(plan=fixed_plan, export=result, calibration=report, onnx=graphs)
 
@@ -311,6 +356,9 @@ def _prune_loaded(
         out,
         overwrite=overwrite,
         onnx=onnx,
+        source=loaded.source,
+        adapter=loaded.adapter,
+        plan=surgery_plan,
     )
     return PruneResult(plan=surgery_plan, export=exported, calibration=report, onnx=graphs)
 

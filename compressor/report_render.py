@@ -391,24 +391,33 @@ def _md_table(table: Table) -> list[str]:
     return lines
 
 
+def _md_section(section: Section, level: int | None = None) -> list[str]:
+    lines = ["#" * (level or section.level) + " " + section.title, ""]
+    if section.folded:
+        lines += ["<details><summary>show table</summary>", ""]  # blank line: GitHub renders markdown inside
+    for paragraph in section.paragraphs:
+        lines += [paragraph, ""]
+    for caption, table in section.tables:
+        if caption:
+            lines += [f"*{caption}*", ""]
+        lines += [*_md_table(table), ""]
+    for note in section.notes:
+        lines += [f"<sub>{note}</sub>", ""]
+    if section.folded:
+        lines += ["</details>", ""]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
-    lines: list[str] = []
-    for section in sections(report):
-        lines += ["#" * section.level + " " + section.title, ""]
-        if section.folded:
-            lines += ["<details><summary>show table</summary>", ""]  # blank line: GitHub renders markdown inside
-        for paragraph in section.paragraphs:
-            lines += [paragraph, ""]
-        for caption, table in section.tables:
-            if caption:
-                lines += [f"*{caption}*", ""]
-            lines += [*_md_table(table), ""]
-        for note in section.notes:
-            lines += [f"<sub>{note}</sub>", ""]
-        if section.folded:
-            lines += ["</details>", ""]
+    lines = [line for section in sections(report) for line in _md_section(section)]
     lines.append("<sub>Plots: see report.html.</sub>")
     return "\n".join(lines) + "\n"
+
+
+def markdown_excerpt(report: dict[str, Any], *, level: int = 3) -> str:
+    """The verdict, accuracy and latency sections only, at heading ``level`` (for a model card)."""
+    parts = (build(report) for build in (_verdict, _accuracy, _latency))
+    return "\n".join(line for section in parts if section is not None for line in _md_section(section, level))
 
 
 def write_markdown(report: dict[str, Any], path: Path | str) -> Path:

@@ -312,3 +312,12 @@ def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models) -> TinyModel:
     return tiny_models[request.param]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A started fake Hub (tests/hub_server.py) that the real huggingface_hub client may reach in this test."""
+    from .hub_server import FakeHub, client_uses
+
+    with FakeHub() as hub, client_uses(hub, monkeypatch):
+        yield hub

@@ -240,6 +240,10 @@ def test_cli_prune_with_onnx_writes_verified_graphs_inside(tiny_models, tmp_path
     assert (out / "model.safetensors").is_file() and (out / "onnx" / "decoder_model_merged.onnx").is_file()
     assert f"wrote {out.resolve() / 'onnx'}" in stdout
     assert find_onnx(out) == out / "onnx" / "decoder_model_merged.onnx"  # what `compressor validate` times
+    manifest = json.loads((out / "compressor.json").read_text())  # what `compressor push` checks
+    assert [c["check"] for c in manifest["verification"]] == ["hf-reload", "onnx-parity"]
+    assert {"onnx/decoder_model_merged.onnx", "onnx/vision_encoder.onnx", "onnx/embed_tokens.onnx"} <= set(manifest["files"])
+    assert "ONNX graphs (split layout)" in (out / "README.md").read_text()
 
 
 def test_cli_out_of_core_prune_with_onnx(tiny_models, tmp_path, capsys):
