@@ -535,7 +535,7 @@ def push_command(
 
 def _report_push(result: Any) -> None:
     click.echo(f"{'created' if result.created_repo else 'updated'} {result.repo_url}")
-    click.echo(f"commit: {result.commit_url}")
+    click.echo(f"commit: {result.commit_url} ({result.verified} files verified on the Hub: sizes and hashes)")
     if result.pr_url:
         click.echo(f"pull request: {result.pr_url}")
     if result.deleted:

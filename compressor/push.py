@@ -8,12 +8,14 @@ an unverified, changed or gate-failed folder unless forced, and renders the card
 files go through the library's LFS upload, and weight files a previous push left behind that
 this one does not replace are deleted in the same commit (a stale ``model.safetensors`` beside
 a new sharded index would be what transformers loads). A commit is atomic on the Hub: a
-failure before it leaves the repo as it was.
+failure before it leaves the repo as it was. After it, the Hub's listing of the pushed
+revision is compared with the local files (sizes and hashes) before success is reported.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .card import facts_from_folder, render_card
-from .errors import HubError, InputError, PushRefusedError
-from .manifest import MANIFEST, check_folder, folder_files
+from .errors import HubError, InputError, PushRefusedError, VerificationError
+from .manifest import MANIFEST, check_folder, folder_files, sha256
 from .validate import REPORT_FORMAT
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class PushResult:
     pr_url: str | None
     created_repo: bool
     deleted: list[str]
+    verified: int  # files whose size and hash on the Hub were compared with the local ones
 
 
 def _size(n: int) -> str:
@@ -220,6 +223,7 @@ def push(
             revision=revision,
             create_pr=create_pr,
         )
+        verified = verify_upload(api, plan, info.pr_revision or revision or "main")
     return PushResult(
         repo_url=str(repo_url),
         commit_url=info.commit_url,
@@ -227,7 +231,45 @@ def push(
         pr_url=info.pr_url,
         created_repo=created,
         deleted=stale,
+        verified=verified,
     )
+
+
+def verify_upload(api: Any, plan: PushPlan, revision: str) -> int:
+    """Compare what the Hub now holds at ``revision`` with what was sent: size, and the SHA-256
+    (LFS files) or git blob id (the others) of every file. Returns how many were checked."""
+    from huggingface_hub.hf_api import RepoFile
+
+    remote = {f.path: f for f in api.list_repo_tree(plan.repo_id, revision=revision, recursive=True) if isinstance(f, RepoFile)}
+    recorded = json.loads((plan.checkpoint / MANIFEST).read_text())["files"]
+    sent: list[tuple[str, bytes | Path]] = [("README.md", plan.card.encode()), *plan.files]
+    wrong = []
+    for name, local in sent:
+        entry = remote.get(name)
+        size = len(local) if isinstance(local, bytes) else local.stat().st_size
+        if entry is None or entry.size != size:
+            wrong.append(name)
+        elif entry.lfs is not None:
+            digest = recorded.get(name, {}).get("sha256") if isinstance(local, Path) and name in recorded else None
+            if entry.lfs.sha256 != (digest or _sha256(local)):
+                wrong.append(name)
+        elif entry.blob_id != _git_blob_id(local):
+            wrong.append(name)
+    if wrong:
+        raise VerificationError(
+            f"The Hub's copy of '{plan.repo_id}' ({revision}) differs from the local files: {', '.join(wrong[:5])}.",
+            fix="push again; if it persists, compare the files on the Hub with the folder by hand.",
+        )
+    return len(sent)
+
+
+def _sha256(local: bytes | Path) -> str:
+    return hashlib.sha256(local).hexdigest() if isinstance(local, bytes) else sha256(local)
+
+
+def _git_blob_id(local: bytes | Path) -> str:
+    data = local if isinstance(local, bytes) else local.read_bytes()  # regular (non-LFS) files are small
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _default_message(plan: PushPlan) -> str:

@@ -264,7 +264,7 @@ def test_push_uploads_the_folder_in_one_commit(exported, hub, capsys):
     assert files.pop(".gitattributes") and files == local  # byte for byte, weights and report included
     assert front_matter(card)["model-index"] and "[`validation/report.md`](validation/report.md)" in card
     assert any(path.startswith("/_lfs/") for method, path in hub.requests if method == "PUT")
-    assert "created " in out and "commit: " in out
+    assert "created " in out and f"({len(local) + 1} files verified on the Hub" in out
     assert hub.token not in out + err and hub.authorization == {f"Bearer {hub.token}"}
 
 
@@ -352,3 +352,21 @@ def test_run_does_not_push_after_a_failed_gate(tiny_models, hub, tmp_path, capsy
     recipe.write_text("version: 1\nname: t\nselect: {op: explicit, blocks: [3]}\nvalidate: {min_speedup: 1000}\n")
     code, out, err = run_cli(capsys, "run", recipe, "--model", tiny.path, "--eval", tiny.data, "--push", "org/x", "-o", tmp_path / "run")
     assert code == 1 and "not pushed to org/x: the validation gate failed" in out and not hub.repos
+
+
+def test_upload_verification_catches_a_copy_that_differs(exported, hub):
+    from huggingface_hub import HfApi
+
+    from compressor.errors import VerificationError
+    from compressor.push import prepare, push, verify_upload
+
+    plan = prepare(exported[0], "org/tiny-pruned")
+    assert push(plan).verified == len(plan.files) + 1
+    stored = hub.repos["org/tiny-pruned"].refs["main"]
+    for name in ("config.json", "model.safetensors"):  # a regular file and an LFS one
+        original = stored[name]
+        stored[name] = original[:-1] + bytes([original[-1] ^ 1])  # same size, one bit flipped
+        with pytest.raises(VerificationError, match=f"differs from the local files: {name}"):
+            verify_upload(HfApi(), plan, "main")
+        stored[name] = original
+    assert verify_upload(HfApi(), plan, "main") == len(plan.files) + 1
