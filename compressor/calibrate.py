@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Iterator
@@ -27,7 +28,8 @@ from torch import nn
 
 from . import metrics
 from .architectures import Adapter
-from .data import Sample, build_batch
+from .data import Sample, build_batch, plan_batches
+from .distributed import Group
 from .errors import InputError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
@@ -51,84 +53,132 @@ class CalibrationOptions:
     greedy_keep: tuple[int, ...] = ()  # blocks the greedy search never removes (negatives count from the end)
 
     attention: bool = False  # visual attention ratio per block (one eager-attention pass)
+    # Batches packed by length to at most this many (padded) tokens each, instead of
+    # `batch_size` samples in file order (which stays the limit on rows).
+    token_budget: int | None = None
 
     @property
     def functional(self) -> bool:
         return self.ablation or self.greedy > 0 or self.greedy_fraction > 0 or self.attention
 
 
-class _Stat:
-    """Streaming mean per row (block, or span start): partial sums and counts."""
-
-    def __init__(self, rows: int):
-        self.sums = torch.zeros(rows, dtype=torch.float64)
-        self.counts = torch.zeros(rows, dtype=torch.float64)
-
-    def add(self, row: int, values: torch.Tensor, mask: torch.Tensor) -> None:
-        total, count = metrics.masked_sum_count(values, mask)
-        self.sums[row] += total
-        self.counts[row] += count
-
-    def means(self) -> list[float | None]:
-        return [float(s / c) if c > 0 else None for s, c in zip(self.sums, self.counts)]
-
-
 class _MetricHooks:
-    """Forward hooks on every block; reduce each block's metrics as the pass goes."""
+    """Forward hooks on every block; reduce each block's metrics as the pass goes.
+
+    Every metric is a mean over tokens (or adjacent token pairs) of one modality, so a block
+    keeps only sums: per block, one small float64 table (series × modality) that lives on the
+    block's own device (blocks spread by a device map included) and is added to with one
+    matrix product per batch — no host synchronisation inside the pass. Token and pair counts
+    are the same for every block and series, so they are counted once per batch. `reduce`
+    all-reduces everything for data-parallel calibration; `results` divides.
+    """
 
     def __init__(self, num_blocks: int, options: CalibrationOptions):
         self.num_blocks = num_blocks
         self.options = options
         self.max_span = min(options.max_span, num_blocks)
-        self.masks: dict[str, torch.Tensor] = {}
-        self.influence = {m: _Stat(num_blocks) for m in MODALITIES}
-        self.tail = {e: {m: _Stat(num_blocks) for m in MODALITIES} for e in options.epsilons}
-        self.adjacent = {m: _Stat(num_blocks) for m in MODALITIES}
-        self.span = {n: {m: _Stat(num_blocks - n + 1) for m in MODALITIES} for n in range(1, self.max_span + 1)}
+        # Token series per block: influence, one tail indicator per epsilon, then the angular
+        # distance of the spans of 1..max_span blocks that END at this block.
+        self.epsilons = tuple(options.epsilons)
+        self.series = 1 + len(self.epsilons) + self.max_span
+        self.token_sums: list[torch.Tensor | None] = [None] * num_blocks  # (series, modality)
+        self.pair_sums: list[torch.Tensor | None] = [None] * num_blocks  # (1, modality): adjacent distance
+        self.token_counts = torch.zeros(len(MODALITIES), dtype=torch.float64)
+        self.pair_counts = torch.zeros(len(MODALITIES), dtype=torch.float64)
+        self._masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cpu_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._shape: tuple[int, int] = (0, 0)
         self._inputs: dict[int, torch.Tensor] = {}
 
     def start_batch(self, masks: dict[str, torch.Tensor]) -> None:
-        self.masks = masks
+        tokens = torch.stack([masks[m] for m in MODALITIES]).flatten(1).float()  # (modality, B·T)
+        pairs = torch.stack([metrics.adjacent_pairs(masks[m]) for m in MODALITIES]).flatten(1).float()
+        self._cpu_masks = (tokens, pairs)
+        self._masks = {}
+        self._shape = tuple(masks["all"].shape)
+        self.token_counts += tokens.sum(dim=1).double().cpu()
+        self.pair_counts += pairs.sum(dim=1).double().cpu()
         self._inputs.clear()
+
+    def _masks_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._masks:
+            assert self._cpu_masks is not None
+            self._masks[device] = tuple(m.to(device, non_blocking=True) for m in self._cpu_masks)
+        return self._masks[device]
 
     def before(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[:2] != self.masks["all"].shape:
+        if tuple(hidden.shape[:2]) != self._shape:
             raise UnsupportedArchitectureError(
                 f"Block {index} sees {hidden.shape[1]} positions but the inputs have "
-                f"{self.masks['all'].shape[1]} tokens, so tokens cannot be split by modality.",
+                f"{self._shape[1]} tokens, so tokens cannot be split by modality.",
                 fix="this family merges image features differently; its adapter needs a token map.",
             )
-        self._inputs[index] = hidden
+        self._inputs[index] = metrics.unit(hidden)  # normalised once, compared with up to max_span outputs
         # Only the last `max_span` inputs are needed for span distances ending later.
         self._inputs.pop(index - self.max_span, None)
 
     def after(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         h_out = output[0] if isinstance(output, tuple) else output
-        h_in = self._inputs[index]
-        masks = {m: mask.to(h_out.device) for m, mask in self.masks.items()}
-        distance = metrics.block_influence(h_in, h_out)
-        adjacent = metrics.adjacent_distance(h_out)
-        for modality, mask in masks.items():
-            self.influence[modality].add(index, distance, mask)
-            for epsilon, stats in self.tail.items():
-                stats[modality].add(index, metrics.tail_indicator(distance, epsilon), mask)
-            self.adjacent[modality].add(index, adjacent, metrics.adjacent_pairs(mask))
-        for n in range(1, self.max_span + 1):
-            start = index + 1 - n
-            if start < 0:
-                break
-            angle = metrics.angular_distance(self._inputs[start], h_out)
-            for modality, mask in masks.items():
-                self.span[n][modality].add(start, angle, mask)
+        device = h_out.device
+        token_masks, pair_masks = self._masks_on(device)
+        u_out = metrics.unit(h_out)
+        # The definitions of metrics.py, on unit vectors: 1 - cos, and arccos(cos) / pi.
+        cosines = [metrics.unit_cosine(self._inputs[index + 1 - n].to(device), u_out) for n in range(1, min(self.max_span, index + 1) + 1)]
+        distance = 1.0 - cosines[0]
+        rows = [distance, *(metrics.tail_indicator(distance, e) for e in self.epsilons)]
+        rows += [torch.arccos(c) / math.pi for c in cosines]
+        rows += [torch.zeros_like(distance)] * (self.max_span - len(cosines))  # spans that would start before block 0
+        values = torch.stack(rows).flatten(1)  # (series, B·T), float32
+        token_sums = (values @ token_masks.T).double()  # (series, modality)
+        adjacent = 1.0 - metrics.unit_cosine(u_out[:, :-1], u_out[:, 1:])
+        pair_sums = (adjacent.flatten()[None] @ pair_masks.T).double()
+        if self.token_sums[index] is None:
+            self.token_sums[index], self.pair_sums[index] = token_sums, pair_sums
+        else:
+            self.token_sums[index] += token_sums
+            self.pair_sums[index] += pair_sums
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block's sums on the CPU: (block, series, modality) and (block, modality)."""
+        zeros = torch.zeros(self.series, len(MODALITIES), dtype=torch.float64)
+        tokens = torch.stack([zeros if t is None else t.cpu() for t in self.token_sums])
+        pairs = torch.stack([zeros[:1] if p is None else p.cpu() for p in self.pair_sums])[:, 0]
+        return tokens, pairs
+
+    def reduce(self, all_reduce: Any) -> None:
+        """Sum every partial sum and count over the processes (``all_reduce`` sums a CPU
+        float64 vector in place across ranks)."""
+        tokens, pairs = self._tables()
+        flat = torch.cat([tokens.flatten(), pairs.flatten(), self.token_counts, self.pair_counts])
+        all_reduce(flat)
+        sizes = [tokens.numel(), pairs.numel(), len(MODALITIES), len(MODALITIES)]
+        t, p, self.token_counts, self.pair_counts = flat.split(sizes)
+        t, p = t.view_as(tokens), p.view_as(pairs)
+        self.token_sums = list(t.unbind(0))
+        self.pair_sums = [row[None] for row in p.unbind(0)]
 
     def results(self) -> dict[str, Any]:
-        means = lambda stats: {m: s.means() for m, s in stats.items()}  # noqa: E731
+        tokens, pairs = self._tables()
+
+        def means(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, list[float | None]]:
+            """``sums``: (rows, modality) → {modality: [mean per row]}."""
+            return {
+                m: [float(sums[r, j] / counts[j]) if counts[j] > 0 else None for r in range(sums.shape[0])]
+                for j, m in enumerate(MODALITIES)
+            }
+
+        influence = means(tokens[:, 0], self.token_counts)
+        tail = {str(e): means(tokens[:, 1 + k], self.token_counts) for k, e in enumerate(self.epsilons)}
+        spans = {}
+        for n in range(1, self.max_span + 1):
+            # Stored at the span's last block; reported by its first (start = end - n + 1).
+            spans[str(n)] = means(tokens[n - 1 :, 1 + len(self.epsilons) + n - 1], self.token_counts)
         return {
-            "block_influence": means(self.influence),
-            "tail_probability": {str(e): means(s) for e, s in self.tail.items()},
-            "adjacent_distance": means(self.adjacent),
-            "angular_distance": {str(n): means(s) for n, s in self.span.items()},
+            "block_influence": influence,
+            "tail_probability": tail,
+            "adjacent_distance": means(pairs, self.pair_counts),
+            "angular_distance": spans,
         }
 
 
@@ -244,8 +294,13 @@ def calibrate(
     model_ref: str | None = None,
     data_info: dict[str, Any] | None = None,
     progress: bool = False,
+    group: Group | None = None,
 ) -> CalibrationReport:
-    """Measure every redundancy metric for every block of ``model`` over ``samples``."""
+    """Measure every redundancy metric for every block of ``model`` over ``samples``.
+
+    With a distributed ``group`` (data-parallel calibration), this process measures its shard
+    of ``samples`` and the partial sums of all processes are added up: every process returns
+    the report of the whole data set."""
     from tqdm.auto import tqdm
 
     if options.num_samples is not None:
@@ -256,25 +311,31 @@ def calibrate(
             f"A greedy order of {options.greedy} blocks was asked for, but the model has {len(blocks)} blocks.",
             fix=f"use --greedy {len(blocks) - 1} or less.",
         )
+    group = group or Group()
+    local = group.shard(samples)  # this process's share; all of it in a single process
+    chunks = plan_batches(processor, local, batch_size=options.batch_size, token_budget=options.token_budget, max_length=options.max_length)
     hooks = _MetricHooks(len(blocks), options)
     image_token_id = adapter.image_token_id(model.config)
-    device = next(model.parameters()).device
-    tokens = dict.fromkeys(MODALITIES, 0)
+    device = input_device(model)
+    tokens = torch.zeros(len(MODALITIES), dtype=torch.float64)
     started = time.perf_counter()
     with (
         calibration_context(model),
         attached(hooks, blocks),
-        tqdm(total=len(samples), unit="sample", desc="calibrate", disable=not progress) as bar,
+        tqdm(total=len(local), unit="sample", desc="calibrate", disable=not progress) as bar,
     ):
-        for begin in range(0, len(samples), options.batch_size):
-            chunk = samples[begin : begin + options.batch_size]
-            batch = build_batch(processor, chunk, with_answer=True, max_length=options.max_length).to(device)
+        for chunk in chunks:
+            # The answer is part of the sequence (calibration sees what the model writes), but
+            # geometric metrics need no answer mask: one encoding per batch, not two.
+            batch = build_batch(processor, chunk, with_answer=True, max_length=options.max_length, mark_answer=False).to(device)
             masks = modality_masks(batch.inputs["input_ids"], batch.inputs["attention_mask"], image_token_id)
             hooks.start_batch(masks)
             model(**batch.inputs, use_cache=False)
-            for modality, mask in masks.items():
-                tokens[modality] += int(mask.sum())
+            tokens += torch.stack([masks[m].sum() for m in MODALITIES]).double().cpu()
             bar.update(len(chunk))
+    if group.distributed:
+        hooks.reduce(group.all_reduce_sum)
+        group.all_reduce_sum(tokens)
     geometric = time.perf_counter() - started
     functional, timings = {}, {}
     if options.functional:
@@ -285,14 +346,15 @@ def calibrate(
                 model,
                 processor,
                 adapter,
-                samples,
-                batch_size=options.batch_size,
+                chunks,
+                device=device,
                 max_length=options.max_length,
                 ablation=options.ablation,
                 greedy=options.greedy,
                 greedy_fraction=options.greedy_fraction,
                 greedy_keep=options.greedy_keep,
                 attention=options.attention,
+                all_reduce=group.all_reduce_sum if group.distributed else None,
                 progress=progress,
             )
     elapsed = time.perf_counter() - started
@@ -305,14 +367,25 @@ def calibrate(
             "num_blocks": len(blocks),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(device),
+            "devices": sorted({str(p.device) for p in model.parameters()}),
         },
-        data={**(data_info or {}), "num_samples": len(samples), "tokens": tokens},
+        data={**(data_info or {}), "num_samples": len(samples), "tokens": {m: int(tokens[j]) for j, m in enumerate(MODALITIES)}},
         options={**asdict(options), "epsilons": list(options.epsilons)},
         metrics={**hooks.results(), **functional},
         elapsed_s=round(elapsed, 4),
-        environment=environment(),
+        environment={**environment(), "processes": str(group.world_size)},
         timings={"geometric_s": round(geometric, 4), **timings},
     )
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the inputs go: the device of the input embeddings (with a device map, the first
+    GPU of the model; accelerate's hooks move activations between blocks)."""
+    embeddings = model.get_input_embeddings()
+    parameter = next(embeddings.parameters(), None) if embeddings is not None else None
+    device = parameter.device if parameter is not None else next(model.parameters()).device
+    # Offloaded to CPU/disk by accelerate, the weight is a meta tensor: execution is on the CPU.
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def environment() -> dict[str, str]:

@@ -74,11 +74,41 @@ def _device_options(command: Any) -> Any:
     )
 
 
+def _placement_options(command: Any) -> Any:
+    """Loading a model bigger than one device: accelerate's device map and its budget."""
+    for option in reversed(
+        [
+            click.option(
+                "--device-map",
+                type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+                help="Spread the model over the GPUs, then CPU RAM, then --offload-folder (accelerate).",
+            ),
+            click.option(
+                "--max-memory", metavar="DEV=SIZE,...", help="Per-device budget for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB."
+            ),
+            click.option("--offload-folder", type=click.Path(path_type=Path), help="Disk offload for weights that fit nowhere else."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _placement(kwargs: dict[str, Any]) -> Any:
+    from .loading import Placement
+
+    return Placement.parse(kwargs.pop("device_map", None), kwargs.pop("max_memory", None), kwargs.pop("offload_folder", None))
+
+
 def _calibration_options(command: Any) -> Any:
     for option in reversed(
         [
             click.option("--num-samples", type=click.IntRange(min=1), help="Samples to use [recipe or 128]."),
             click.option("--batch-size", type=click.IntRange(min=1), help="Samples per forward pass [recipe or 8]."),
+            click.option(
+                "--token-budget",
+                type=click.IntRange(min=8),
+                help="Sort samples by length and pack batches to this many padded tokens (rows still <= --batch-size) [recipe or off].",
+            ),
             click.option("--max-length", type=click.IntRange(min=8), help="Token limit per sample [recipe or 512]."),
             click.option(
                 "--epsilon",
@@ -106,7 +136,7 @@ def _calibration_options(command: Any) -> Any:
 
 
 def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("num_samples", "batch_size", "max_length", "max_span", "ablation", "greedy", "attention")
+    keys = ("num_samples", "batch_size", "token_budget", "max_length", "max_span", "ablation", "greedy", "attention")
     found = {k: kwargs.get(k) for k in keys}
     found["epsilons"] = tuple(kwargs["epsilons"]) if kwargs.get("epsilons") else None
     return found
@@ -126,24 +156,43 @@ def cli() -> None:
 @click.option("--recipe", type=click.Path(path_type=Path), help="Take calibration defaults from this recipe.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
 @_calibration_options
+@_placement_options
 @_device_options
 @_verbosity
 def calibrate_command(
     model: str, data: Path, output: Path, recipe: Path | None, overwrite: bool, device: str, dtype: str, **kwargs: Any
 ) -> None:
-    """Measure per-block redundancy of MODEL (folder or Hub id) on a data file."""
+    """Measure per-block redundancy of MODEL (folder or Hub id) on a data file.
+
+    Under torchrun / accelerate launch, each process calibrates its share of the data on its
+    own GPU(s); the partial sums are all-reduced and rank 0 writes the report."""
+    import torch
+
+    from . import distributed
     from .loading import load_model
     from .pipeline import calibration_options, run_calibration
     from .recipe import load_recipe
     from .staging import refuse_existing, staged_file
 
+    placement = _placement(kwargs)
+    group = distributed.current()
+    if not group.is_main:  # one voice: rank 0 reports for all
+        logging.getLogger("compressor").setLevel(logging.WARNING)
     refuse_existing(output, overwrite)
     options = calibration_options(load_recipe(recipe).recipe if recipe else None, **_overrides(kwargs))
-    loaded = load_model(model, device=device, dtype=dtype)
-    report, _ = run_calibration(loaded, data, options, progress=_progress())
-    with staged_file(output, overwrite=overwrite) as staging:
-        report.save(staging)
-    click.echo(f"calibrated {report.num_blocks} blocks on {report.data['num_samples']} samples in {report.elapsed_s:.2f}s -> {output}")
+    gpus = group.gpus(torch.cuda.device_count()) if placement.device_map else None
+    loaded = load_model(model, device=group.device(device), dtype=dtype, placement=placement, gpus=gpus, auto_dtype="compute")
+    report, _ = run_calibration(loaded, data, options, progress=_progress() and group.is_main, group=group)
+    if group.is_main:
+        with staged_file(output, overwrite=overwrite) as staging:
+            report.save(staging)
+        processes = f" by {group.world_size} processes" if group.distributed else ""
+        click.echo(
+            f"calibrated {report.num_blocks} blocks on {report.data['num_samples']} samples{processes} "
+            f"in {report.elapsed_s:.2f}s -> {output}"
+        )
+    group.barrier()  # nobody leaves before the report is written
+    distributed.finish(group)
 
 
 @cli.group("recipe")
@@ -227,6 +276,7 @@ def plan_command(recipe: Path, calibration: Path | None, model: str | None, outp
 )
 @click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/onnx [recipe's export.formats].")
 @_calibration_options
+@_placement_options
 @_device_options
 @_verbosity
 def prune_command(
@@ -245,12 +295,15 @@ def prune_command(
     **kwargs: Any,
 ) -> None:
     """Remove the blocks a recipe (or a saved plan) selects from MODEL; write a verified HF checkpoint."""
-    from .errors import InputError
     from .pipeline import prune, prune_out_of_core
     from .recipe import load_recipe
 
+    placement = _placement(kwargs)
+    _single_process("prune")
     recipe_file = load_recipe(recipe) if recipe else None
     if out_of_core:
+        if placement.device_map:
+            raise InputError("--out-of-core loads no model, so --device-map has nothing to place.", fix="drop one of them.")
         if data is not None:
             raise InputError(
                 "--out-of-core cannot calibrate on --data: calibration needs the model in memory.",
@@ -280,9 +333,22 @@ def prune_command(
             progress=_progress(),
             dry_run=dry_run,
             onnx=onnx,
+            placement=placement,
             **_overrides(kwargs),
         )
     _report_prune(result)
+
+
+def _single_process(command: str) -> None:
+    """prune and run write one checkpoint; only calibration is data-parallel."""
+    from .distributed import from_environment
+
+    if from_environment().distributed:
+        raise InputError(
+            f"`compressor {command}` runs in one process, but this one was started by a launcher (WORLD_SIZE > 1).",
+            fix="calibrate data-parallel (`torchrun --nproc-per-node N -m compressor calibrate MODEL --data D -o calibration.json`), "
+            f"then run `compressor {command} ... --calibration calibration.json` once, without the launcher.",
+        )
 
 
 @cli.command("run")
@@ -297,6 +363,7 @@ def prune_command(
 @click.option("--push", "push_to", metavar="ORG/NAME", help="After a passing validation, push OUTPUT to this Hub repository.")
 @click.option("--push-private", is_flag=True, help="With --push: create the repository private.")
 @_calibration_options
+@_placement_options
 @_device_options
 @_verbosity
 @click.pass_context
@@ -321,6 +388,8 @@ def run_command(
     from .push import check_repo_id, prepare, push, resolve_token
     from .recipe import load_recipe
 
+    placement = _placement(kwargs)
+    _single_process("run")
     recipe_file = load_recipe(recipe)
     if push_to:  # everything push needs is checked before hours of calibration, not after
         check_repo_id(push_to)
@@ -342,6 +411,7 @@ def run_command(
         device=device,
         dtype=dtype,
         progress=_progress(),
+        placement=placement,
         **_overrides(kwargs),
     )
     _report_prune(result)

@@ -184,17 +184,19 @@ def build_batch(
     with_answer: bool,
     max_length: int | None = None,
     padding_side: str = "right",
+    mark_answer: bool = True,
 ) -> Batch:
     """Tokenise ``samples`` (and their images) into one padded batch.
 
     With ``with_answer`` the answer is part of the sequence and ``answer_mask`` marks it: the
-    prompt alone is tokenised too, and its length is where the answer starts.
+    prompt alone is tokenised too, and its length is where the answer starts. Without
+    ``mark_answer`` that second pass (images included) is skipped and the mask stays empty.
     """
     tokenizer = tokenizer_of(processor)
     tokenizer.padding_side = padding_side
     full = _encode(processor, samples, with_answer=with_answer)
     answer_mask = torch.zeros_like(full["input_ids"], dtype=torch.bool)
-    if with_answer and any(s.answer is not None for s in samples):
+    if with_answer and mark_answer and any(s.answer is not None for s in samples):
         prompt_only = _encode(processor, samples, with_answer=False)
         prompt_lengths = prompt_only["attention_mask"].sum(dim=1)
         valid = full["attention_mask"].bool()
@@ -260,3 +262,39 @@ def _truncate(
         key: value[:, window] if value.dim() == 2 and value.shape == encoded["input_ids"].shape else value for key, value in encoded.items()
     }
     return truncated, answer_mask[:, window]
+
+
+def sample_length(processor: Any, sample: Sample, *, max_length: int | None = None) -> int:
+    """Tokens of one sample with its answer, image tokens included (what a batch row costs)."""
+    length = int(_encode(processor, [sample], with_answer=True)["attention_mask"].sum())
+    return min(length, max_length) if max_length is not None else length
+
+
+def plan_batches(
+    processor: Any,
+    samples: list[Sample],
+    *,
+    batch_size: int,
+    token_budget: int | None = None,
+    max_length: int | None = None,
+) -> list[list[Sample]]:
+    """Group ``samples`` into batches: ``batch_size`` at a time in file order or, with a
+    ``token_budget``, sorted by length (longest first) and packed so that a batch's padded
+    size, rows × longest row, stays within the budget (at most ``batch_size`` rows; a sample
+    longer than the budget gets a batch of its own). Sorting keeps short samples away from
+    long ones, so little of a batch is padding."""
+    if token_budget is None:
+        return [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    lengths = [sample_length(processor, s, max_length=max_length) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: -lengths[i])
+    batches: list[list[Sample]] = []
+    current: list[int] = []
+    for i in order:
+        # Longest first: the batch's first row sets its padded width.
+        if current and (len(current) + 1 > batch_size or (len(current) + 1) * lengths[current[0]] > token_budget):
+            batches.append([samples[j] for j in current])
+            current = []
+        current.append(i)
+    if current:
+        batches.append([samples[j] for j in current])
+    return batches

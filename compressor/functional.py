@@ -23,7 +23,7 @@ Scores are computed only at the scored positions (final norm and LM head on thos
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +157,14 @@ class Sums:
         self.loss = self.loss or [0.0] * self.num_blocks
         self.kl = self.kl or [0.0] * self.num_blocks
 
+    def reduce(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Add up every process's sums (data-parallel calibration)."""
+        flat = torch.tensor([self.tokens, self.base_loss, *self.loss, *self.kl], dtype=torch.float64)
+        all_reduce(flat)
+        values = flat.tolist()
+        self.tokens, self.base_loss = int(round(values[0])), values[1]
+        self.loss, self.kl = values[2 : 2 + self.num_blocks], values[2 + self.num_blocks :]
+
 
 def scan(model: nn.Module, adapter: Adapter, head: Head, t: Trace, sums: Sums) -> None:
     """Add one batch: for every block not in ``t.skip``, the loss and KL with it skipped too."""
@@ -260,46 +268,51 @@ def measure(
     model: nn.Module,
     processor: Any,
     adapter: Adapter,
-    samples: list[Any],
+    chunks: list[list[Any]],
     *,
-    batch_size: int,
+    device: torch.device,
     max_length: int | None,
     ablation: bool,
     greedy: int,
     attention: bool,
     greedy_fraction: float = 0.0,
     greedy_keep: tuple[int, ...] = (),
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Run the requested functional measurements (inside calibration's no-grad, eval context).
+    """Run the requested functional measurements (inside calibration's no-grad, eval context)
+    over the batches ``chunks`` (lists of samples, as calibration planned them).
 
-    Returns report metrics (``ablation_loss`` / ``ablation_kl`` / ``visual_attention`` as one
-    value per block under modality ``all``, ``greedy`` as order and losses) and timings."""
+    With ``all_reduce`` (data-parallel calibration: sums a float64 vector over the processes),
+    every scan's sums are added up over the processes before anything is decided from them, so
+    every process picks the same greedy order. Returns report metrics (``ablation_loss`` /
+    ``ablation_kl`` / ``visual_attention`` as one value per block under modality ``all``,
+    ``greedy`` as order and losses) and timings."""
     from tqdm.auto import tqdm
 
     from .data import build_batch
 
-    device = next(model.parameters()).device
+    samples = [s for chunk in chunks for s in chunk]
     num_blocks = len(adapter.blocks(model))
     head = Head(model, adapter)
     watch = Stopwatch()
     out: dict[str, Any] = {}
 
     def batches() -> Iterator[Batch]:
-        for begin in range(0, len(samples), batch_size):
-            chunk = samples[begin : begin + batch_size]
+        for chunk in chunks:
             yield build_batch(processor, chunk, with_answer=True, max_length=max_length).to(device)
 
     def scan_all(skip: frozenset[int], label: str) -> dict[str, Any]:
         sums = Sums(num_blocks)
         # Timed apart: the recording forward pass, and the replays of the scan (the ratio of
         # the two is the scan's cost in forward passes).
-        total = -(-len(samples) // batch_size)
-        for batch in tqdm(batches(), total=total, desc=label, unit="batch", disable=not progress):
+        for batch in tqdm(batches(), total=len(chunks), desc=label, unit="batch", disable=not progress):
             with watch.time(f"{label}_forward"):
                 t = trace(model, adapter, head, batch, skip)
             with watch.time(f"{label}_replay"):
                 scan(model, adapter, head, t, sums)
+        if all_reduce is not None:
+            sums.reduce(all_reduce)
         return ablation_results(sums, skip)
 
     first = None
@@ -343,6 +356,9 @@ def measure(
                 for batch in batches():
                     ratio.start_batch(batch.inputs["input_ids"], batch.inputs["attention_mask"], image_token_id)
                     model(**batch.inputs, use_cache=False)
+            if all_reduce is not None:
+                all_reduce(ratio.sums)
+                all_reduce(ratio.counts)
             out["visual_attention"] = {"all": ratio.results()}
     timings = {f"{k}_s": round(v, 4) for k, v in watch.seconds.items()}
     return out, timings

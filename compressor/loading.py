@@ -43,12 +43,65 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | None) -> torch.dtype | str:
+def resolve_dtype(dtype: str | None, *, device: torch.device | None = None, auto: str = "checkpoint") -> torch.dtype | str:
+    """The dtype to load in. ``auto`` is the checkpoint's own dtype when the loaded weights are
+    exported (prune: a cast would change what is written), and for measurements
+    (``auto="compute"``: calibrate, validate) bfloat16 on a GPU that has it, float32 on the CPU
+    (fast there, and exact)."""
     if dtype in (None, "auto"):
-        return "auto"
+        if auto == "checkpoint":
+            return "auto"
+        on_gpu = device is not None and device.type == "cuda"
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
     if dtype not in DTYPES:
         raise InputError(f"Unknown --dtype '{dtype}'.", fix=f"use one of: auto, {', '.join(DTYPES)}.")
     return DTYPES[dtype]
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How to spread a model that does not fit one device (accelerate's ``device_map``)."""
+
+    device_map: str | None = None  # one of DEVICE_MAPS; None: the whole model on `device`
+    max_memory: dict[int | str, str] | None = None  # per device: {0: "70GiB", "cpu": "200GiB"}
+    offload_folder: Path | None = None  # where weights go that fit neither GPUs nor RAM
+
+    @classmethod
+    def parse(cls, device_map: str | None, max_memory: str | None = None, offload_folder: Path | str | None = None) -> Placement:
+        if device_map is not None and device_map not in DEVICE_MAPS:
+            raise InputError(f"Unknown --device-map '{device_map}'.", fix=f"use one of: {', '.join(DEVICE_MAPS)}.")
+        if (max_memory or offload_folder) and device_map is None:
+            raise InputError("--max-memory and --offload-folder shape a device map.", fix="add --device-map auto.")
+        budget: dict[int | str, str] = {}
+        for item in filter(None, (max_memory or "").split(",")):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if not value.strip() or not (key.isdigit() or key in ("cpu", "mps")):
+                raise InputError(
+                    f"--max-memory item '{item}' is not DEVICE=SIZE.",
+                    fix="write e.g. 0=70GiB,1=70GiB,cpu=200GiB (GPU index or cpu, then a size).",
+                )
+            budget[int(key) if key.isdigit() else key] = value.strip()
+        return cls(device_map, budget or None, Path(offload_folder) if offload_folder else None)
+
+    def for_process(self, gpus: list[int]) -> dict[int | str, Any] | None:
+        """The memory budget of one data-parallel process: its own GPUs only (None: accelerate's default)."""
+        if torch.cuda.device_count() == 0 or len(gpus) == torch.cuda.device_count():
+            return self.max_memory
+        budget: dict[int | str, Any] = {i: 0 for i in range(torch.cuda.device_count())}
+        for i in gpus:
+            budget[i] = (self.max_memory or {}).get(i, torch.cuda.get_device_properties(i).total_memory)
+        budget["cpu"] = (self.max_memory or {}).get("cpu", _available_ram())
+        return budget
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.9)
 
 
 def load_config(path: Path) -> Any:
@@ -131,6 +184,14 @@ def _saved_processor_class(path: Path) -> str | None:
     return None
 
 
+def _summarise(device_map: dict[str, Any]) -> str:
+    """{module: device} as 'device: n modules' (the full map of a 72B model is hundreds of lines)."""
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return ", ".join(f"{where}: {n} module(s)" for where, n in counts.items())
+
+
 class ImageOnlyVideoProcessor(transformers.BaseVideoProcessor):
     """A video processor for image-only use where torchvision is missing; it refuses videos.
 
@@ -162,23 +223,50 @@ def video_processor_placeholder() -> ImageOnlyVideoProcessor:
     return ImageOnlyVideoProcessor()
 
 
-def load_model(ref: str | ModelSource, *, device: str | None = "cpu", dtype: str | None = "auto") -> LoadedModel:
-    """Resolve ``ref``, check its files, and load model + processor in eval mode."""
+def load_model(
+    ref: str | ModelSource,
+    *,
+    device: str | None = "cpu",
+    dtype: str | None = "auto",
+    placement: Placement | None = None,
+    gpus: list[int] | None = None,
+    auto_dtype: str = "checkpoint",
+) -> LoadedModel:
+    """Resolve ``ref``, check its files, and load model + processor in eval mode.
+
+    With a ``placement`` device map, accelerate spreads the blocks over the GPUs (``gpus``: this
+    process's share of them), then CPU RAM, then the offload folder; ``device`` is then unused.
+    ``auto_dtype`` says what ``dtype="auto"`` means (see `resolve_dtype`)."""
     source = ref if isinstance(ref, ModelSource) else resolve_model_ref(ref)
     config = load_config(source.path)
     adapter = adapter_for_config(config)
     check_safetensors(source.path)
     architecture = (getattr(config, "architectures", None) or [adapter.architectures[0]])[0]
     model_class = getattr(transformers, architecture)
-    torch_device = resolve_device(device)
+    spread = placement is not None and placement.device_map is not None
+    torch_device = resolve_device("auto" if spread else device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device=torch_device, auto=auto_dtype)}
+    if spread:
+        assert placement is not None
+        kwargs["device_map"] = placement.device_map
+        budget = placement.for_process(gpus if gpus is not None else list(range(torch.cuda.device_count())))
+        if budget:
+            kwargs["max_memory"] = budget
+        if placement.offload_folder is not None:
+            kwargs["offload_folder"] = str(placement.offload_folder)
     try:
-        model = model_class.from_pretrained(source.path, dtype=resolve_dtype(dtype))
+        model = model_class.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise InputError(
             f"Model in '{source.path}' failed to load ({type(error).__name__}: {error}).",
-            fix="check that the checkpoint is complete and matches its config.json.",
+            fix="check that the checkpoint is complete and matches its config.json"
+            + (" (and that --max-memory plus --offload-folder leave room for it)." if spread else "."),
         ) from None
-    model.to(torch_device).eval()
+    if spread:
+        log.info("device map: %s", _summarise(getattr(model, "hf_device_map", {})))
+    else:
+        model.to(torch_device)
+    model.eval()
     processor = load_processor(source.path, adapter)
     log.info("loaded %s (%s, %d blocks) from %s", architecture, adapter.family, adapter.num_blocks(model.config), source.path)
     return LoadedModel(model=model, processor=processor, adapter=adapter, source=source)

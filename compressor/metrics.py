@@ -32,6 +32,18 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dot / norms.clamp_min(_EPS)).clamp(-1.0, 1.0)
 
 
+def unit(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` scaled to unit length along the last axis, in float32: normalised once, a
+    tensor's cosines with several others cost one product each (see `unit_cosine`)."""
+    hidden = hidden.float()
+    return hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def unit_cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of two `unit` tensors, clamped to [-1, 1]."""
+    return (u * v).sum(dim=-1).clamp(-1.0, 1.0)
+
+
 def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
     """Per-token 1 - cos(h_in, h_out): 0 when the block leaves the token's direction unchanged."""
     return 1.0 - cosine_similarity(h_in, h_out)

@@ -19,10 +19,11 @@ from .calibrate import CalibrationOptions, CalibrationReport, calibrate, environ
 from .card import RELOAD_VERIFIED, facts_from_folder, render_card
 from .checkpoint import VERIFIED_OUT_OF_CORE, CheckpointResult, rewrite_checkpoint
 from .data import Sample, file_sha256, load_samples
+from .distributed import Group
 from .errors import InputError, PlanError
 from .export import ExportResult, export_hf, source_facts
 from .hub import ModelSource, resolve_model_ref
-from .loading import LoadedModel, load_config, load_model
+from .loading import LoadedModel, Placement, load_config, load_model
 from .manifest import write_manifest
 from .onnx_export import OnnxExportResult, export_onnx
 from .planner import SurgeryPlan, plan
@@ -121,6 +122,7 @@ def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationO
         options = CalibrationOptions(
             num_samples=c.num_samples,
             batch_size=c.batch_size,
+            token_budget=c.token_budget,
             max_length=c.max_length,
             epsilons=tuple(c.epsilons),
             max_span=c.max_span,
@@ -161,7 +163,7 @@ def data_file(recipe_file: RecipeFile | None, data: Path | str | None) -> Path |
 
 
 def run_calibration(
-    loaded: LoadedModel, data: Path, options: CalibrationOptions, *, progress: bool = False
+    loaded: LoadedModel, data: Path, options: CalibrationOptions, *, progress: bool = False, group: Group | None = None
 ) -> tuple[CalibrationReport, list[Sample]]:
     samples = load_samples(data, limit=options.num_samples)
     report = calibrate(
@@ -173,6 +175,7 @@ def run_calibration(
         model_ref=loaded.source.hub_id or loaded.source.ref,
         data_info={"path": str(Path(data).resolve()), "sha256": file_sha256(Path(data))},
         progress=progress,
+        group=group,
     )
     return report, samples
 
@@ -224,9 +227,13 @@ def prune(
     progress: bool = False,
     dry_run: bool = False,
     onnx: bool | None = None,
+    placement: Placement | None = None,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``.
+
+    With a ``placement`` device map (a model bigger than one device), the model is loaded only
+    to calibrate; the checkpoint is then written out of core from the source files.
 
     The blocks come from a recipe (planned here) or from a saved plan. With ``dry_run`` it
     stops after planning: nothing is written. ``onnx`` (default: the recipe's export formats)
@@ -240,16 +247,47 @@ def prune(
         raise InputError("Give either --data or --calibration, not both.", fix="drop one of them.")
     data_path = data_file(recipe_file, data) if calibration is None else None
     options = calibration_options(recipe_file.recipe if recipe_file else None, **calibration_overrides)
-    loaded = load_model(model_ref, device=device, dtype=dtype)
+    loaded = _load(model_ref, device, dtype, placement)
     if fixed_plan is not None:
         samples = load_samples(data_path, limit=options.num_samples) if data_path else None
         report = CalibrationReport.load(calibration) if calibration else None
         return _prune_loaded(
-            loaded, None, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run, fixed_plan=fixed_plan, onnx=tolerance
+            loaded,
+            None,
+            out,
+            report=report,
+            samples=samples,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            fixed_plan=fixed_plan,
+            onnx=tolerance,
+            out_of_core=_spread(placement),
         )
     assert recipe_file is not None  # guaranteed by _surgery_plan
     report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
-    return _prune_loaded(loaded, recipe_file, out, report=report, samples=samples, overwrite=overwrite, dry_run=dry_run, onnx=tolerance)
+    return _prune_loaded(
+        loaded,
+        recipe_file,
+        out,
+        report=report,
+        samples=samples,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        onnx=tolerance,
+        out_of_core=_spread(placement),
+    )
+
+
+def _spread(placement: Placement | None) -> bool:
+    return placement is not None and placement.device_map is not None
+
+
+def _load(model_ref: str, device: str | None, dtype: str | None, placement: Placement | None) -> LoadedModel:
+    """The model in memory: whole on ``device``, or spread by a device map (then in the compute
+    dtype — it is only measured, never exported from memory)."""
+    if _spread(placement):
+        return load_model(model_ref, device=device, dtype=dtype, placement=placement, auto_dtype="compute")
+    return load_model(model_ref, device=device, dtype=dtype)
 
 
 def prune_out_of_core(
@@ -330,6 +368,7 @@ def _prune_loaded(
     dry_run: bool = False,
     fixed_plan: SurgeryPlan | None = None,
     onnx: float | None = None,
+    out_of_core: bool = False,
 ) -> PruneResult:
     num_blocks = loaded.adapter.num_blocks(loaded.model.config)
     surgery_plan = fixed_plan or plan(recipe_file.recipe, num_blocks, report)  # type: ignore[union-attr]
@@ -337,6 +376,26 @@ def _prune_loaded(
     if dry_run:
         return PruneResult(plan=surgery_plan, export=None, calibration=report)
     _refuse_empty(surgery_plan)
+    if out_of_core:  # a spread model: rewrite the source files rather than gather it to save
+        rewritten, graphs = write_checkpoint(
+            lambda folder, replace_existing: rewrite_checkpoint(
+                loaded.source.path,
+                folder,
+                surgery_plan,
+                loaded.adapter,
+                recipe_text=recipe_file.text if recipe_file else None,
+                calibration=report,
+                source=loaded.source,
+                overwrite=replace_existing,
+            ),
+            out,
+            overwrite=overwrite,
+            onnx=onnx,
+            source=loaded.source,
+            adapter=loaded.adapter,
+            plan=surgery_plan,
+        )
+        return PruneResult(plan=surgery_plan, export=rewritten, calibration=report, onnx=graphs)
     params_before = count_parameters(loaded.model)
     apply_plan(loaded.model, surgery_plan, loaded.adapter)
     exported, graphs = write_checkpoint(
@@ -376,6 +435,7 @@ def run(
     dtype: str | None = "auto",
     progress: bool = False,
     onnx: bool | None = None,
+    placement: Placement | None = None,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """The whole chain a recipe describes, everything of the run under ``out``.
@@ -399,13 +459,20 @@ def run(
         eval_data = recipe_file.resolve(thresholds.data)
     if eval_data is not None and not Path(eval_data).is_file():
         raise InputError(f"Evaluation data '{eval_data}' does not exist.", fix="pass an existing JSONL file.")
-    loaded = load_model(model_ref, device=device, dtype=dtype)
+    loaded = _load(model_ref, device, dtype, placement)
     with staged_dir(out, overwrite=overwrite) as staging:
         report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=None, options=options, progress=progress)
         if report is not None:
             report.save(staging / "calibration.json")
         result = _prune_loaded(
-            loaded, recipe_file, staging / "hf", report=report, samples=samples, overwrite=False, onnx=onnx_tolerance(recipe_file, onnx)
+            loaded,
+            recipe_file,
+            staging / "hf",
+            report=report,
+            samples=samples,
+            overwrite=False,
+            onnx=onnx_tolerance(recipe_file, onnx),
+            out_of_core=_spread(placement),
         )
         result.plan.save(staging / "plan.json")
         (staging / "recipe.yaml").write_text(recipe_file.text)

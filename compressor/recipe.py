@@ -143,6 +143,7 @@ class CalibrationDefaults(_Strict):
     data: str | None = Field(None, description="JSONL file, relative to the recipe")
     num_samples: int | None = Field(128, ge=1)
     batch_size: int = Field(8, ge=1)
+    token_budget: int | None = Field(None, ge=8, description="pack length-sorted batches to this many padded tokens")
     max_length: int | None = Field(512, ge=8)
     epsilons: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1)
     max_span: int = Field(4, ge=1)
