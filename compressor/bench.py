@@ -1,7 +1,8 @@
 """`make bench`: performance figures as ratios measured in one run, printed as a table.
 
 1. Calibration overhead: the hook-based calibration pass vs a plain forward pass over the same
-   batches (same model, same data) — what the streaming metrics cost.
+   batches (same model, same data) — what the streaming metrics cost (`bench_scale` measures
+   it on more shapes, with batching and memory).
 2. Pruning payoff: forward (prefill) latency and greedy decode throughput of a model with a
    quarter of its blocks removed vs the original, same inputs.
 
@@ -21,6 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .architectures import adapter_for_model
+from .bench_scale import interleaved
 from .calibrate import CalibrationOptions, calibrate
 from .data import Sample, build_batch
 from .demo.processor import build_tokenizer
@@ -92,14 +94,15 @@ def main(argv: list[str] | None = None) -> None:
         # Same work as calibration minus the hooks: tokenise the batch, run the forward.
         with torch.inference_mode():
             for i in range(0, len(data), options.batch_size):
-                batch = build_batch(tokenizer, data[i : i + options.batch_size], with_answer=True).to(device)
+                batch = build_batch(tokenizer, data[i : i + options.batch_size], with_answer=True, mark_answer=False).to(device)
                 model(**batch.inputs, use_cache=False)
 
     def calibration() -> None:
         calibrate(model, tokenizer, adapter, data, options=options)
 
-    t_plain = median_seconds(plain, repeats=args.repeats)
-    t_cal = median_seconds(calibration, repeats=args.repeats)
+    # Interleaved, so that drift on a shared machine hits both alike (bench_scale.py has more).
+    seconds = interleaved({"plain": plain, "calibration": calibration}, device, args.repeats)
+    t_plain, t_cal = seconds["plain"], seconds["calibration"]
 
     removed = list(range(args.layers // 2 - args.layers // 8, args.layers // 2 + args.layers // 8))
     plan = SurgeryPlan(

@@ -129,7 +129,12 @@ def overhead(model: Any, tokenizer: Any, data: list[Sample], options: Calibratio
         int(build_batch(tokenizer, c, with_answer=True, max_length=options.max_length, mark_answer=False).inputs["attention_mask"].sum())
         for c in chunks
     )
-    return {**seconds, "ratio": seconds["calibration"] / seconds["plain"], "tokens": tokens, "tokens_per_s": tokens / seconds["calibration"]}
+    return {
+        **seconds,
+        "ratio": seconds["calibration"] / seconds["plain"],
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds["calibration"],
+    }
 
 
 def batching(model: Any, tokenizer: Any, data: list[Sample], batch_size: int, budget: int, device: torch.device, repeats: int) -> dict:
@@ -160,17 +165,42 @@ def batching(model: Any, tokenizer: Any, data: list[Sample], batch_size: int, bu
     }
 
 
+def _rss_kb(field: str) -> int:
+    """VmRSS / VmHWM (peak) of this process in kB, from /proc (Linux); getrusage's peak elsewhere."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak_rss() -> bool:
+    """Start the peak-RSS watermark afresh (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def child_memory(shape: str, n: int, device: torch.device) -> dict:
-    """Run in a fresh process: peak memory of one calibration over ``n`` samples."""
+    """Run in a fresh process: peak memory of one calibration over ``n`` samples, above the
+    memory in use just before it (model built, libraries loaded)."""
     model, tokenizer = build(shape, device)
     data = samples(n, (24, 160), seed=1)
     options = CalibrationOptions(num_samples=None, batch_size=8, max_length=None)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    adapter = adapter_for_model(model)
+    calibrate(model, tokenizer, adapter, data[:8], options=options)  # first-call allocations are not per sample
+    reset = _reset_peak_rss()
+    before = _rss_kb("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_gpu = torch.cuda.memory_allocated(device)
-    calibrate(model, tokenizer, adapter_for_model(model), data, options=options)
-    out = {"samples": n, "rss_before_kb": before, "rss_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    calibrate(model, tokenizer, adapter, data, options=options)
+    out = {"samples": n, "rss_before_kb": before, "rss_peak_kb": _rss_kb("VmHWM"), "peak_reset": reset}
     if device.type == "cuda":
         out["gpu_peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base_gpu
     return out
@@ -227,12 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     mem = memory(shape, sizes, str(device))
     rows = []
     for entry in mem:
-        row = f"{entry['samples']} samples: peak RSS {entry['rss_peak_kb'] / 1024:,.0f} MiB (model built: {entry['rss_before_kb'] / 1024:,.0f} MiB)"
+        extra = (entry["rss_peak_kb"] - entry["rss_before_kb"]) / 1024
+        row = f"{entry['samples']} samples: peak RSS {entry['rss_peak_kb'] / 1024:,.1f} MiB, {extra:+,.1f} MiB above the level before"
         if "gpu_peak_extra_bytes" in entry:
             row += f", GPU peak above the model {entry['gpu_peak_extra_bytes'] / 2**20:,.0f} MiB"
         rows.append(row)
     growth = (mem[-1]["rss_peak_kb"] - mem[0]["rss_peak_kb"]) / 1024
-    print("3. streaming memory: " + "; ".join(rows) + f"; {sizes[-1]} vs {sizes[0]} samples: {growth:+,.0f} MiB peak RSS")
+    print("3. streaming memory: " + "; ".join(rows) + f"; {sizes[-1]} vs {sizes[0]} samples: {growth:+,.1f} MiB peak RSS")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": where, "shape": shape, "overhead": cost, "batching": pack, "memory": mem}, handle, indent=1)

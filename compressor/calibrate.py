@@ -89,6 +89,7 @@ class _MetricHooks:
         self._cpu_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._shape: tuple[int, int] = (0, 0)
         self._inputs: dict[int, torch.Tensor] = {}
+        self._last_output: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start_batch(self, masks: dict[str, torch.Tensor]) -> None:
         tokens = torch.stack([masks[m] for m in MODALITIES]).flatten(1).float()  # (modality, B·T)
@@ -99,6 +100,7 @@ class _MetricHooks:
         self.token_counts += tokens.sum(dim=1).double().cpu()
         self.pair_counts += pairs.sum(dim=1).double().cpu()
         self._inputs.clear()
+        self._last_output = None
 
     def _masks_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._masks:
@@ -114,7 +116,11 @@ class _MetricHooks:
                 f"{self._shape[1]} tokens, so tokens cannot be split by modality.",
                 fix="this family merges image features differently; its adapter needs a token map.",
             )
-        self._inputs[index] = metrics.unit(hidden)  # normalised once, compared with up to max_span outputs
+        # Normalised once, compared with up to max_span outputs; a block's input is usually the
+        # previous block's output tensor itself, already normalised in `after`.
+        last = self._last_output
+        self._inputs[index] = last[1] if last is not None and last[0] is hidden else metrics.unit(hidden)
+        self._last_output = None
         # Only the last `max_span` inputs are needed for span distances ending later.
         self._inputs.pop(index - self.max_span, None)
 
@@ -123,6 +129,7 @@ class _MetricHooks:
         device = h_out.device
         token_masks, pair_masks = self._masks_on(device)
         u_out = metrics.unit(h_out)
+        self._last_output = (h_out, u_out)
         # The definitions of metrics.py, on unit vectors: 1 - cos, and arccos(cos) / pi.
         cosines = [metrics.unit_cosine(self._inputs[index + 1 - n].to(device), u_out) for n in range(1, min(self.max_span, index + 1) + 1)]
         distance = 1.0 - cosines[0]
