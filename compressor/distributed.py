@@ -104,8 +104,9 @@ def initialise(group: Group) -> Group:
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(group.local_rank % torch.cuda.device_count())
+        if backend == "nccl":  # NCCL needs one distinct GPU per process: the first of its share
+            count = torch.cuda.device_count()
+            torch.cuda.set_device(group.gpus(count)[0] if count >= group.local_world_size else group.local_rank % count)
         dist.init_process_group(backend=backend)
         log.info("rank %d of %d joined (%s)", group.rank, group.world_size, backend)
     return group
