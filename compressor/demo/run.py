@@ -63,6 +63,7 @@ class DemoSummary:
             f"calibration took {self.calibration_s:.2f}s",
             f"pruned checkpoint: {self.output / 'hf'}",
             f"report: {self.output / 'report'}/report.{{json,md,html}}",
+            f"publish: compressor push {self.output} --repo-id ORG/NAME --dry-run",
             self.report["verdict"]["summary"],
         ]
         return "\n".join(lines)
