@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .data import Sample, build_batch, tokenizer_of
+from .loading import input_device
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -62,7 +63,7 @@ class AccuracyResult:
 def generate_answers(model: Any, processor: Any, samples: list[Sample], *, batch_size: int = 32, max_new_tokens: int = 8) -> list[str]:
     """Greedy answers (decoded, special tokens dropped), one per sample, in order."""
     tokenizer = tokenizer_of(processor)
-    device = next(model.parameters()).device
+    device = input_device(model)
     answers: list[str] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -102,7 +103,7 @@ def answer_accuracy(model: Any, processor: Any, samples: list[Sample], *, batch_
 
 def _answer_logprobs(model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (B, T-1, V) of each next token, and the mask of answer targets."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = batch.to(device)
     logits = model(**batch.inputs, use_cache=False).logits.float()
     return torch.log_softmax(logits[:, :-1], dim=-1), batch.answer_mask[:, 1:]
@@ -142,7 +143,7 @@ def perplexity(model: Any, processor: Any, samples: list[Sample], *, batch_size:
     texts = [s for s in samples if s.image is None]
     if not texts:
         return {"n": 0, "perplexity": None}
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
         batch = build_batch(processor, texts[start : start + batch_size], with_answer=True).to(device)
@@ -191,6 +192,6 @@ def fidelity(base: Any, pruned: Any, processor: Any, samples: list[Sample], *, b
 
 
 def _last_logprobs(model: Any, batch: Any) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = input_device(model)
     logits = model(**batch.to(device).inputs, use_cache=False).logits.float()
     return torch.log_softmax(logits, dim=-1).cpu()

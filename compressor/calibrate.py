@@ -31,6 +31,7 @@ from .architectures import Adapter
 from .data import Sample, build_batch, plan_batches
 from .distributed import Group
 from .errors import InputError, UnsupportedArchitectureError
+from .loading import input_device
 
 log = logging.getLogger(__name__)
 
@@ -383,16 +384,6 @@ def calibrate(
         environment={**environment(), "processes": str(group.world_size)},
         timings={"geometric_s": round(geometric, 4), **timings},
     )
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where the inputs go: the device of the input embeddings (with a device map, the first
-    GPU of the model; accelerate's hooks move activations between blocks)."""
-    embeddings = model.get_input_embeddings()
-    parameter = next(embeddings.parameters(), None) if embeddings is not None else None
-    device = parameter.device if parameter is not None else next(model.parameters()).device
-    # Offloaded to CPU/disk by accelerate, the weight is a meta tensor: execution is on the CPU.
-    return torch.device("cpu") if device.type == "meta" else device
 
 
 def environment() -> dict[str, str]:

@@ -509,6 +509,7 @@ def export_onnx_command(model: str, output: Path | None, overwrite: bool, tolera
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Report folder (report.json/.md/.html).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Also write the gates as JUnit XML.")
 @click.option("--overwrite", is_flag=True)
+@_placement_options
 @_device_options
 @_verbosity
 @click.pass_context
@@ -534,6 +535,7 @@ def validate_command(
     overwrite: bool,
     device: str,
     dtype: str,
+    **kwargs: Any,
 ) -> None:
     """Compare a pruned model with its original: accuracy, fidelity, latency; exit 1 when a gate fails."""
     from .validate import TASKS, thresholds_from_recipe, validate
@@ -561,6 +563,7 @@ def validate_command(
         dtype=dtype,
         overwrite=overwrite,
         junit=junit,
+        placement=_placement(kwargs),
     )
     log.info("%s\nreport: %s/report.{json,md,html}", result.report["verdict"]["summary"], result.out_dir)
     click.echo(result.verdict_line())

@@ -34,6 +34,7 @@ from .architectures import Adapter
 from .calibrate import calibration_context
 from .data import Sample, build_batch, tokenizer_of
 from .errors import InputError
+from .loading import input_device
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,6 @@ def _rusage_peak_bytes() -> int:
 
 
 # -- inputs ---------------------------------------------------------------------------------
-def input_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the token embedding's device (the first device under a device_map)."""
-    return model.get_input_embeddings().weight.device
-
-
 def plain_token_ids(processor: Any, model: nn.Module) -> torch.Tensor:
     """Token ids safe for synthetic prompts: the vocabulary minus special and added tokens
     (image placeholders among them: an image token without an image is an error)."""

@@ -184,6 +184,17 @@ def _saved_processor_class(path: Path) -> str | None:
     return None
 
 
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its input embeddings' device (the first device under a device
+    map; accelerate's hooks move activations on from there). A weight offloaded to CPU or disk
+    is a meta tensor: execution then happens on the CPU."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if getter is not None else None
+    parameter = next(embeddings.parameters(), None) if embeddings is not None else None
+    device = parameter.device if parameter is not None else next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def _summarise(device_map: dict[str, Any]) -> str:
     """{module: device} as 'device: n modules' (the full map of a 72B model is hundreds of lines)."""
     counts: dict[str, int] = {}

@@ -26,7 +26,7 @@ from .calibrate import environment
 from .data import load_samples
 from .errors import InputError
 from .latency import compare_latency, find_onnx, measure_latency
-from .loading import load_model
+from .loading import Placement, input_device, load_model
 from .planner import SurgeryPlan
 from .recipe import load_recipe
 from .report_render import write_html, write_markdown
@@ -202,8 +202,12 @@ def validate(
     dtype: str | None = "auto",
     overwrite: bool = False,
     junit: Path | str | None = None,
+    placement: Placement | None = None,
 ) -> ValidationResult:
-    """Compare ``pruned_ref`` with ``base_ref`` and write report.json/.md/.html into ``out_dir``."""
+    """Compare ``pruned_ref`` with ``base_ref`` and write report.json/.md/.html into ``out_dir``.
+
+    With a ``placement`` device map, both models are spread the same way (models bigger than
+    one GPU); latency is then that of the spread model, inputs entering at its first device."""
     out_dir = Path(out_dir)
     refuse_existing(out_dir, overwrite)
     unknown = set(tasks) - set(TASKS)
@@ -214,8 +218,8 @@ def validate(
     if gates.min_speedup is not None and not latency:
         raise InputError("--min-speedup needs latency measurements.", fix="drop --no-latency.")
     samples = load_samples(data, limit=num_samples)
-    base = load_model(base_ref, device=device, dtype=dtype)
-    pruned = load_model(pruned_ref, device=device, dtype=dtype)
+    base = load_model(base_ref, device=device, dtype=dtype, placement=placement)
+    pruned = load_model(pruned_ref, device=device, dtype=dtype, placement=placement)
     if base.adapter.family != pruned.adapter.family:
         raise InputError(
             f"The base model is {base.adapter.family} but the pruned one is {pruned.adapter.family}.",
@@ -248,7 +252,7 @@ def validate(
         "calibration": json.loads(calibration_file.read_text()) if calibration_file.is_file() else None,
         "environment": {
             **environment(),
-            "device": str(next(base.model.parameters()).device),
+            "device": str(input_device(base.model)),
             "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
         },
     }

@@ -171,3 +171,18 @@ def test_two_processes_give_the_figures_of_one(tiny_models, tmp_path, capsys):
     assert two["environment"]["processes"] == "2" and two["data"] == one["data"]
     assert_same_metrics(one["metrics"], two["metrics"])
     assert two["metrics"]["greedy"]["order"] == one["metrics"]["greedy"]["order"]
+
+
+def test_validate_with_a_device_map_gives_the_same_accuracy(tiny_models, tmp_path, capsys):
+    tiny = tiny_models["llava"]
+    pruned = tmp_path / "pruned"
+    assert run_cli(capsys, "prune", tiny.path, "--recipe", RECIPES / "explicit.yaml", "-o", pruned)[0] == 0
+    base = ["validate", "--base", tiny.path, "--pruned", pruned, "--data", tiny.data, "--device", "cpu"]
+    fast = ["--prompt-length", "12", "--new-tokens", "3", "--repeats", "2"]
+    assert run_cli(capsys, *base, "--no-latency", "-o", tmp_path / "plain")[0] == 0
+    offload = ["--device-map", "auto", "--max-memory", "cpu=150KB", "--offload-folder", tmp_path / "offload"]
+    code, _, err = run_cli(capsys, *base, *offload, *fast, "-o", tmp_path / "spread")
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("plain", "spread"))
+    assert_same_metrics(a["accuracy"], b["accuracy"])
+    assert b["latency"]["pruned"]["prefill"] and b["environment"]["device"] == "cpu"
