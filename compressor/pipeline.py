@@ -376,48 +376,41 @@ def _prune_loaded(
     if dry_run:
         return PruneResult(plan=surgery_plan, export=None, calibration=report)
     _refuse_empty(surgery_plan)
+    recipe_text = recipe_file.text if recipe_file else None
     if out_of_core:  # a spread model: rewrite the source files rather than gather it to save
-        rewritten, graphs = write_checkpoint(
-            lambda folder, replace_existing: rewrite_checkpoint(
+
+        def write(folder: Path, replace_existing: bool) -> Any:
+            return rewrite_checkpoint(
                 loaded.source.path,
                 folder,
                 surgery_plan,
                 loaded.adapter,
-                recipe_text=recipe_file.text if recipe_file else None,
+                recipe_text=recipe_text,
                 calibration=report,
                 source=loaded.source,
                 overwrite=replace_existing,
-            ),
-            out,
-            overwrite=overwrite,
-            onnx=onnx,
-            source=loaded.source,
-            adapter=loaded.adapter,
-            plan=surgery_plan,
-        )
-        return PruneResult(plan=surgery_plan, export=rewritten, calibration=report, onnx=graphs)
-    params_before = count_parameters(loaded.model)
-    apply_plan(loaded.model, surgery_plan, loaded.adapter)
+            )
+    else:
+        params_before = count_parameters(loaded.model)
+        apply_plan(loaded.model, surgery_plan, loaded.adapter)
+
+        def write(folder: Path, replace_existing: bool) -> Any:
+            return export_hf(
+                loaded.model,
+                loaded.processor,
+                loaded.adapter,
+                folder,
+                plan=surgery_plan,
+                params_before=params_before,
+                source=loaded.source,
+                recipe_text=recipe_text,
+                calibration=report,
+                samples=samples,
+                overwrite=replace_existing,
+            )
+
     exported, graphs = write_checkpoint(
-        lambda folder, replace_existing: export_hf(
-            loaded.model,
-            loaded.processor,
-            loaded.adapter,
-            folder,
-            plan=surgery_plan,
-            params_before=params_before,
-            source=loaded.source,
-            recipe_text=recipe_file.text if recipe_file else None,
-            calibration=report,
-            samples=samples,
-            overwrite=replace_existing,
-        ),
-        out,
-        overwrite=overwrite,
-        onnx=onnx,
-        source=loaded.source,
-        adapter=loaded.adapter,
-        plan=surgery_plan,
+        write, out, overwrite=overwrite, onnx=onnx, source=loaded.source, adapter=loaded.adapter, plan=surgery_plan
     )
     return PruneResult(plan=surgery_plan, export=exported, calibration=report, onnx=graphs)
 

@@ -321,3 +321,22 @@ def fake_hub(monkeypatch):
 
     with FakeHub() as hub, client_uses(hub, monkeypatch):
         yield hub
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_state():
+    """-v / -q set module state in the CLI; every test starts without either."""
+    from compressor import cli
+
+    cli._state.update(verbose=False, quiet=False)
+    yield
+    cli._state.update(verbose=False, quiet=False)
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`compressor -q ARGS` in this process: exit code, stdout, stderr."""
+    from compressor import cli
+
+    code = cli.main(["-q", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -9,28 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from compressor import cli
 from compressor.architectures import adapter_for_config
 from compressor.loading import load_config
 
-from .conftest import FAMILIES
+from .conftest import FAMILIES, run_cli
 
 RECIPES = Path(__file__).parent.parent / "recipes"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state():
-    cli._state.update(verbose=False, quiet=False)
-    yield
-    cli._state.update(verbose=False, quiet=False)
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main(["-q", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write(path: Path, text: str) -> Path:

@@ -15,19 +15,9 @@ import yaml
 from compressor import cli
 from compressor.manifest import MANIFEST, check_folder
 
+from .conftest import run_cli
+
 RECIPES = Path(__file__).parent.parent / "recipes"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state():
-    cli._state.update(verbose=False, quiet=False)
-    yield
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main(["-q", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

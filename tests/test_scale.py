@@ -14,27 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import cli
 from compressor.calibrate import CalibrationOptions, calibrate
 from compressor.data import load_samples, plan_batches, sample_length
 from compressor.distributed import Group, from_environment
 from compressor.errors import InputError
 from compressor.loading import Placement
 
+from .conftest import run_cli
+
 RECIPES = Path(__file__).parent.parent / "recipes"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state():
-    cli._state.update(verbose=False, quiet=False)
-    yield
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main(["-q", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_same_metrics(a: dict, b: dict, tol: float = 1e-5, path: str = "") -> None:

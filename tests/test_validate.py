@@ -17,12 +17,6 @@ RECIPES = Path(__file__).parent.parent / "recipes"
 FAST = ["--prompt-length", "12", "--new-tokens", "3", "--repeats", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cli_state():
-    cli._state.update(verbose=False, quiet=False)
-    yield
-
-
 @pytest.fixture(scope="module")
 def pruned_llava(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("validate") / "pruned"
