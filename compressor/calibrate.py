@@ -87,7 +87,7 @@ class _MetricHooks:
         self.token_counts = torch.zeros(len(MODALITIES), dtype=torch.float64)
         self.pair_counts = torch.zeros(len(MODALITIES), dtype=torch.float64)
         self._masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cpu_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batch_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._shape: tuple[int, int] = (0, 0)
         self._inputs: dict[int, torch.Tensor] = {}
         self._last_output: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -95,7 +95,7 @@ class _MetricHooks:
     def start_batch(self, masks: dict[str, torch.Tensor]) -> None:
         tokens = torch.stack([masks[m] for m in MODALITIES]).flatten(1).float()  # (modality, B·T)
         pairs = torch.stack([metrics.adjacent_pairs(masks[m]) for m in MODALITIES]).flatten(1).float()
-        self._cpu_masks = (tokens, pairs)
+        self._batch_masks = (tokens, pairs)  # on the input device; copied to each block's device once
         self._masks = {}
         self._shape = tuple(masks["all"].shape)
         self.token_counts += tokens.sum(dim=1).double().cpu()
@@ -105,8 +105,8 @@ class _MetricHooks:
 
     def _masks_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._masks:
-            assert self._cpu_masks is not None
-            self._masks[device] = tuple(m.to(device, non_blocking=True) for m in self._cpu_masks)
+            assert self._batch_masks is not None
+            self._masks[device] = tuple(m.to(device, non_blocking=True) for m in self._batch_masks)
         return self._masks[device]
 
     def before(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:

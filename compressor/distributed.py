@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -64,10 +64,10 @@ class Group:
             dist.barrier()
 
     def device(self, requested: str | None) -> str | None:
-        """Each process's own GPU (``cuda:LOCAL_RANK``) unless one was named; CPU stays CPU."""
+        """Each process's own GPU (the one `initialise` made current) unless one was named; CPU stays CPU."""
         if not self.distributed or requested not in (None, "auto", "cuda"):
             return requested
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
     def gpus(self, count: int) -> list[int]:
         """This process's share of a machine's ``count`` GPUs, for a per-process device map:
@@ -123,14 +123,3 @@ def finish(group: Group) -> None:
 def current() -> Group:
     """The group of this process, joined (idempotent)."""
     return initialise(from_environment())
-
-
-def gather_objects(group: Group, value: Any) -> list[Any]:
-    """Every process's ``value`` (a picklable object), in rank order, on every process."""
-    if not group.distributed:
-        return [value]
-    import torch.distributed as dist
-
-    values: list[Any] = [None] * group.world_size
-    dist.all_gather_object(values, value)
-    return values

@@ -46,8 +46,8 @@ def resolve_device(device: str | None) -> torch.device:
 def resolve_dtype(dtype: str | None, *, device: torch.device | None = None, auto: str = "checkpoint") -> torch.dtype | str:
     """The dtype to load in. ``auto`` is the checkpoint's own dtype when the loaded weights are
     exported (prune: a cast would change what is written), and for measurements
-    (``auto="compute"``: calibrate, validate) bfloat16 on a GPU that has it, float32 on the CPU
-    (fast there, and exact)."""
+    (``auto="compute"``: calibrate, and prune/run models spread by a device map — only measured)
+    bfloat16 on a GPU that has it, float32 on the CPU (fast there, and exact)."""
     if dtype in (None, "auto"):
         if auto == "checkpoint":
             return "auto"

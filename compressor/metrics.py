@@ -67,9 +67,3 @@ def adjacent_pairs(mask: torch.Tensor) -> torch.Tensor:
 def angular_distance(h_start: torch.Tensor, h_end: torch.Tensor) -> torch.Tensor:
     """Per-token arccos(cos(h_start, h_end)) / pi, in [0, 1]."""
     return torch.arccos(cosine_similarity(h_start, h_end)) / math.pi
-
-
-def masked_sum_count(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """Sum of ``values`` where ``mask`` holds, and how many: the streaming form of a mean."""
-    selected = values[mask]
-    return float(selected.double().sum()), int(selected.numel())

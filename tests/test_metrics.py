@@ -55,10 +55,3 @@ def test_angular_distance_by_hand():
     end = hs([5.0, 0.0], [0.0, 1.0], [-1.0, 0.0])
     # 0 degrees -> 0, 90 degrees -> 1/2, 180 degrees -> 1
     assert torch.allclose(metrics.angular_distance(start, end), torch.tensor([[0.0, 0.5, 1.0]]), atol=1e-6)
-
-
-def test_masked_sum_count():
-    values = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
-    mask = torch.tensor([[True, False, True], [False, False, True]])
-    assert metrics.masked_sum_count(values, mask) == (37.0, 3)
-    assert metrics.masked_sum_count(values, torch.zeros_like(mask)) == (0.0, 0)
