@@ -325,7 +325,6 @@ def calibrate(
     hooks = _MetricHooks(len(blocks), options)
     image_token_id = adapter.image_token_id(model.config)
     device = input_device(model)
-    tokens = torch.zeros(len(MODALITIES), dtype=torch.float64)
     started = time.perf_counter()
     with (
         calibration_context(model),
@@ -339,11 +338,9 @@ def calibrate(
             masks = modality_masks(batch.inputs["input_ids"], batch.inputs["attention_mask"], image_token_id)
             hooks.start_batch(masks)
             model(**batch.inputs, use_cache=False)
-            tokens += torch.stack([masks[m].sum() for m in MODALITIES]).double().cpu()
             bar.update(len(chunk))
     if group.distributed:
         hooks.reduce(group.all_reduce_sum)
-        group.all_reduce_sum(tokens)
     geometric = time.perf_counter() - started
     functional, timings = {}, {}
     if options.functional:
@@ -377,7 +374,11 @@ def calibrate(
             "device": str(device),
             "devices": sorted({str(p.device) for p in model.parameters()}),
         },
-        data={**(data_info or {}), "num_samples": len(samples), "tokens": {m: int(tokens[j]) for j, m in enumerate(MODALITIES)}},
+        data={
+            **(data_info or {}),
+            "num_samples": len(samples),
+            "tokens": {m: int(hooks.token_counts[j]) for j, m in enumerate(MODALITIES)},
+        },
         options={**asdict(options), "epsilons": list(options.epsilons)},
         metrics={**hooks.results(), **functional},
         elapsed_s=round(elapsed, 4),

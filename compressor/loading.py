@@ -88,7 +88,8 @@ class Placement:
         return cls(device_map, budget or None, Path(offload_folder) if offload_folder else None)
 
     def for_process(self, gpus: list[int]) -> dict[int | str, Any] | None:
-        """The memory budget of one data-parallel process: its own GPUs only (None: accelerate's default)."""
+        """The memory budget of a process that may use ``gpus`` only (a data-parallel share, or none for
+        --device cpu); None: accelerate's default."""
         if torch.cuda.device_count() == 0 or len(gpus) == torch.cuda.device_count():
             return self.max_memory
         budget: dict[int | str, Any] = {i: 0 for i in range(torch.cuda.device_count())}
@@ -255,7 +256,14 @@ def load_model(
     architecture = (getattr(config, "architectures", None) or [adapter.architectures[0]])[0]
     model_class = getattr(transformers, architecture)
     spread = placement is not None and placement.device_map is not None
-    torch_device = resolve_device("auto" if spread else device)
+    if spread and device not in (None, "auto", "cpu"):
+        raise InputError(
+            f"--device {device} and --device-map both say where the model goes.",
+            fix="drop --device (limit the GPUs with --max-memory 0=70GiB,...), or drop --device-map.",
+        )
+    if spread and device == "cpu":
+        gpus = []  # a device map over CPU RAM (and the offload folder) only
+    torch_device = resolve_device("auto" if spread and device != "cpu" else device)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device=torch_device, auto=auto_dtype)}
     if spread:
         assert placement is not None

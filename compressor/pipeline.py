@@ -248,23 +248,12 @@ def prune(
     data_path = data_file(recipe_file, data) if calibration is None else None
     options = calibration_options(recipe_file.recipe if recipe_file else None, **calibration_overrides)
     loaded = _load(model_ref, device, dtype, placement)
-    if fixed_plan is not None:
+    if fixed_plan is not None:  # a saved plan: data and report, when given, only feed the export
         samples = load_samples(data_path, limit=options.num_samples) if data_path else None
         report = CalibrationReport.load(calibration) if calibration else None
-        return _prune_loaded(
-            loaded,
-            None,
-            out,
-            report=report,
-            samples=samples,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            fixed_plan=fixed_plan,
-            onnx=tolerance,
-            out_of_core=_spread(placement),
-        )
-    assert recipe_file is not None  # guaranteed by _surgery_plan
-    report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
+    else:
+        assert recipe_file is not None  # guaranteed by _surgery_plan
+        report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
     return _prune_loaded(
         loaded,
         recipe_file,
@@ -273,6 +262,7 @@ def prune(
         samples=samples,
         overwrite=overwrite,
         dry_run=dry_run,
+        fixed_plan=fixed_plan,
         onnx=tolerance,
         out_of_core=_spread(placement),
     )

@@ -152,6 +152,11 @@ def prepare(
             f"'{checkpoint}' {check.problem()}, so there is nothing to say on its card.",
             fix="export it with `compressor prune` (`--plan plan.json` reuses a plan) and push that folder.",
         )
+    if check.missing:  # not even --force: the repo would lack files its config or index names
+        raise PushRefusedError(
+            f"'{checkpoint}' lacks files its export wrote: {', '.join(check.missing[:5])}.",
+            fix="restore them (or export again); --force does not publish an incomplete checkpoint.",
+        )
     problems = [f"'{checkpoint}' does not match its export manifest ({check.problem()})"] if not check.verified else []
     report_data = load_report(report_path, check.manifest) if report_path is not None else None
     if report_data is not None and not (report_data.get("verdict") or {}).get("passed", False):

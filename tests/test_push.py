@@ -360,3 +360,10 @@ def test_upload_verification_catches_a_copy_that_differs(exported, hub):
             verify_upload(HfApi(), plan, "main")
         stored[name] = original
     assert verify_upload(HfApi(), plan, "main") == len(plan.files) + 1
+
+
+def test_missing_files_are_refused_even_forced(copy, capsys):
+    folder, _ = copy
+    (folder / "model.safetensors").unlink()
+    code, _, err = dry_run(capsys, folder, "--force")
+    assert code == 1 and "lacks files its export wrote: model.safetensors" in err

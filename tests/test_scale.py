@@ -175,3 +175,12 @@ def test_validate_with_a_device_map_gives_the_same_accuracy(tiny_models, tmp_pat
     a, b = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("plain", "spread"))
     assert_same_metrics(a["accuracy"], b["accuracy"])
     assert b["latency"]["pruned"]["prefill"] and b["environment"]["device"] == "cpu"
+
+
+def test_a_device_and_a_device_map_conflict(tiny_models, tmp_path, capsys):
+    tiny = tiny_models["llama"]
+    code, _, err = run_cli(
+        capsys, "calibrate", tiny.path, "--data", tiny.data, "--device", "cuda:1", "--device-map", "auto", "-o", tmp_path / "c.json"
+    )
+    assert code == 2 and "--device cuda:1 and --device-map both say where the model goes" in err and "Traceback" not in err
+    assert not (tmp_path / "c.json").exists()
