@@ -234,6 +234,8 @@ def _making(facts: CardFacts) -> list[str]:
     else:
         lines.append("- No calibration: the blocks were listed explicitly.")
     lines.append("- `recipe.yaml` is the recipe used; `plan.json` lists the removed blocks with the metric values that chose them.")
+    if facts.source.get("trust_remote_code"):
+        lines.append("- Made with `--trust-remote-code`: Python code shipped with the base model ran while it was loaded.")
     lines += [f"- {check['detail']}" for check in facts.checks if check.get("detail")]
     if facts.versions:
         lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(facts.versions.items())) + ".")

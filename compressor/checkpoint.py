@@ -39,7 +39,7 @@ from safetensors import safe_open
 from .architectures import Adapter
 from .calibrate import CalibrationReport
 from .errors import CheckpointError, InputError, InsufficientSpaceError, PlanError, SurgeryError
-from .export import write_provenance
+from .export import copy_tokenizer_files, strip_remote_code, write_provenance
 from .hub import ModelSource
 from .loading import load_config
 from .planner import SurgeryPlan
@@ -555,13 +555,14 @@ def rewrite_checkpoint(
     if out == source_dir:
         raise InputError(f"Output '{out}' is the source checkpoint itself.", fix="write the pruned checkpoint to another folder.")
     refuse_existing(out, overwrite)  # before reading any header
-    config = load_config(source_dir)
+    config = load_config(source_dir, trust_remote_code=source is not None and source.trust_remote_code)
     _check_plan(config, plan, adapter, source_dir)
     checkpoint = read_checkpoint(source_dir)
     names = BlockNames.for_plan(adapter, plan)
     check_blocks(checkpoint, names, plan.num_blocks)
     shards, dropped = plan_shards(checkpoint, names)
-    copied, skipped = _other_files(source_dir, checkpoint)
+    trusted = source is not None and source.trust_remote_code
+    copied, skipped = _other_files(source_dir, checkpoint, code=trusted)
     _check_space(out, sum(len(s.header) + s.data_bytes for s in shards) + sum(p.stat().st_size for p in copied))
 
     params_before = sum(t.numel for t in checkpoint.tensors)
@@ -572,8 +573,10 @@ def rewrite_checkpoint(
             _write_index(staging / INDEX_NAME, checkpoint.index, shards)
         reindex_config(adapter.text_config(config), adapter, plan.kept)
         config.save_pretrained(staging)
+        strip_remote_code(staging, trusted=trusted)
         for path in copied:
             shutil.copyfile(path, staging / path.name)
+        copy_tokenizer_files(source_dir, staging)  # also those in subfolders (additional chat templates)
         write_provenance(
             staging,
             name=out.name,
@@ -626,8 +629,9 @@ def _check_plan(config: Any, plan: SurgeryPlan, adapter: Adapter, folder: Path) 
         raise PlanError("The plan removes every block.", fix="keep at least one block.")
 
 
-def _other_files(folder: Path, checkpoint: SourceCheckpoint) -> tuple[list[Path], list[str]]:
-    """Top-level files to copy unchanged, and the names of those deliberately left out."""
+def _other_files(folder: Path, checkpoint: SourceCheckpoint, *, code: bool = False) -> tuple[list[Path], list[str]]:
+    """Top-level files to copy unchanged, and the names of those deliberately left out (the
+    model's Python files too, unless its ``code`` is trusted)."""
     consumed = {f.path.name for f in checkpoint.files} | {INDEX_NAME, "config.json"}
     copied: list[Path] = []
     skipped: list[str] = []
@@ -637,7 +641,13 @@ def _other_files(folder: Path, checkpoint: SourceCheckpoint) -> tuple[list[Path]
             continue
         if path.is_dir():
             skipped.append(name + "/")  # e.g. `original/` with the unpruned consolidated weights
-        elif name.startswith(".") or name in _LINEAGE_FILES or name.endswith(_WEIGHT_SUFFIXES) or _WEIGHT_INDEX.match(name):
+        elif (
+            name.startswith(".")
+            or name in _LINEAGE_FILES
+            or name.endswith(_WEIGHT_SUFFIXES)
+            or _WEIGHT_INDEX.match(name)
+            or (name.endswith(".py") and not code)
+        ):
             skipped.append(name)
         elif path.is_file():  # follows symlinks: Hub cache snapshots are links to blobs
             copied.append(path)
@@ -651,9 +661,17 @@ def _check_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise InsufficientSpaceError(
-            f"Writing '{out}' needs {needed / 1e9:.2f} GB but its file system has {free / 1e9:.2f} GB free.",
+            f"Writing '{out}' needs {human_bytes(needed)} but its file system has {human_bytes(free)} free.",
             fix="free some space or write the pruned checkpoint to another disk.",
         )
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in the unit that shows it best: 512 B, 3.4 kB, 17.2 MB, 1.31 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 def _write_weights(shards: Sequence[OutputShard], folder: Path, chunk_size: int, progress: Progress | None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,23 @@ def _placement_options(command: Any) -> Any:
     return command
 
 
+def _trust_option(command: Any) -> Any:
+    return click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        help="Let Python code shipped in the model folder (config auto_map) run. Off: such code never runs, "
+        "and exported configs drop auto_map.",
+    )(command)
+
+
+def _outside_option(command: Any) -> Any:
+    return click.option(
+        "--allow-outside-data",
+        is_flag=True,
+        help="Let image paths in the JSONL point outside its folder (absolute, ../, symlinks). Off: refused.",
+    )(command)
+
+
 def _placement(kwargs: dict[str, Any]) -> Any:
     from .loading import Placement
 
@@ -158,9 +176,20 @@ def cli() -> None:
 @_calibration_options
 @_placement_options
 @_device_options
+@_trust_option
+@_outside_option
 @_verbosity
 def calibrate_command(
-    model: str, data: Path, output: Path, recipe: Path | None, overwrite: bool, device: str, dtype: str, **kwargs: Any
+    model: str,
+    data: Path,
+    output: Path,
+    recipe: Path | None,
+    overwrite: bool,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    allow_outside_data: bool,
+    **kwargs: Any,
 ) -> None:
     """Measure per-block redundancy of MODEL (folder or Hub id) on a data file.
 
@@ -169,22 +198,27 @@ def calibrate_command(
     import torch
 
     from . import distributed
+    from .data import load_samples
+    from .hub import resolve_model_ref
     from .loading import load_model
     from .pipeline import calibration_options, run_calibration
     from .recipe import load_recipe
-    from .staging import refuse_existing, staged_file
+    from .staging import check_output, staged_file
 
     placement = _placement(kwargs)
     group = distributed.current()
     if not group.is_main:  # one voice: rank 0 reports for all
         logging.getLogger("compressor").setLevel(logging.WARNING)
-    refuse_existing(output, overwrite)
+    source = resolve_model_ref(model, trust_remote_code=trust_remote_code)
+    sources = [source.path, data, recipe]
+    check_output(output, overwrite=overwrite, sources=sources)
     options = calibration_options(load_recipe(recipe).recipe if recipe else None, **_overrides(kwargs))
+    samples = load_samples(data, limit=options.num_samples, allow_outside=allow_outside_data)  # before minutes of loading
     gpus = group.gpus(torch.cuda.device_count()) if placement.device_map else None
-    loaded = load_model(model, device=group.device(device), dtype=dtype, placement=placement, gpus=gpus, auto_dtype="compute")
-    report, _ = run_calibration(loaded, data, options, progress=_progress() and group.is_main, group=group)
+    loaded = load_model(source, device=group.device(device), dtype=dtype, placement=placement, gpus=gpus, auto_dtype="compute")
+    report, _ = run_calibration(loaded, data, options, samples=samples, progress=_progress() and group.is_main, group=group)
     if group.is_main:
-        with staged_file(output, overwrite=overwrite) as staging:
+        with staged_file(output, overwrite=overwrite, sources=sources) as staging:
             report.save(staging)
         processes = f" by {group.world_size} processes" if group.distributed else ""
         click.echo(
@@ -226,8 +260,11 @@ def recipe_check(files: tuple[Path, ...]) -> None:
 @click.option("--model", help="Model folder or Hub id (only its config is read) when there is no report.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the plan as JSON.")
 @click.option("--overwrite", is_flag=True)
+@_trust_option
 @_verbosity
-def plan_command(recipe: Path, calibration: Path | None, model: str | None, output: Path | None, overwrite: bool) -> None:
+def plan_command(
+    recipe: Path, calibration: Path | None, model: str | None, output: Path | None, overwrite: bool, trust_remote_code: bool
+) -> None:
     """Print which blocks RECIPE removes, why, and what remains."""
     from .architectures import adapter_for_config
     from .calibrate import CalibrationReport
@@ -236,26 +273,29 @@ def plan_command(recipe: Path, calibration: Path | None, model: str | None, outp
     from .loading import load_config
     from .planner import plan
     from .recipe import load_recipe
-    from .staging import refuse_existing, staged_file
+    from .staging import check_output, staged_file
 
+    source = resolve_model_ref(model, trust_remote_code=trust_remote_code) if model is not None else None
+    sources = [recipe, calibration, source.path if source else None]
     if output:
-        refuse_existing(output, overwrite)
+        check_output(output, overwrite=overwrite, sources=sources)
     recipe_file = load_recipe(recipe)
     report = CalibrationReport.load(calibration) if calibration else None
     if report is not None:
         num_blocks = report.num_blocks
-    elif model is not None:
-        config = load_config(resolve_model_ref(model).path)
+    elif source is not None:
+        config = load_config(source.path, trust_remote_code=source.trust_remote_code)
         num_blocks = adapter_for_config(config).num_blocks(config)
     else:
         raise InputError(
             "`compressor plan` needs --calibration (or --model for an explicit recipe).",
             fix="run `compressor calibrate MODEL --data D -o calibration.json` first.",
         )
-    surgery_plan = plan(recipe_file.recipe, num_blocks, report)
+    # The plan carries its recipe: `prune --plan` then keeps the recipe's validation gates.
+    surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report), recipe_text=recipe_file.text)
     click.echo(surgery_plan.describe())
     if output:
-        with staged_file(output, overwrite=overwrite) as staging:
+        with staged_file(output, overwrite=overwrite, sources=sources) as staging:
             surgery_plan.save(staging)
         click.echo(f"plan written to {output}")
 
@@ -278,6 +318,8 @@ def plan_command(recipe: Path, calibration: Path | None, model: str | None, outp
 @_calibration_options
 @_placement_options
 @_device_options
+@_trust_option
+@_outside_option
 @_verbosity
 def prune_command(
     model: str,
@@ -292,6 +334,8 @@ def prune_command(
     onnx: bool | None,
     device: str,
     dtype: str,
+    trust_remote_code: bool,
+    allow_outside_data: bool,
     **kwargs: Any,
 ) -> None:
     """Remove the blocks a recipe (or a saved plan) selects from MODEL; write a verified HF checkpoint."""
@@ -318,6 +362,7 @@ def prune_command(
             overwrite=overwrite,
             dry_run=dry_run,
             onnx=onnx,
+            trust_remote_code=trust_remote_code,
         )
     else:
         result = prune(
@@ -334,6 +379,8 @@ def prune_command(
             dry_run=dry_run,
             onnx=onnx,
             placement=placement,
+            allow_outside_data=allow_outside_data,
+            trust_remote_code=trust_remote_code,
             **_overrides(kwargs),
         )
     _report_prune(result)
@@ -365,6 +412,8 @@ def _single_process(command: str) -> None:
 @_calibration_options
 @_placement_options
 @_device_options
+@_trust_option
+@_outside_option
 @_verbosity
 @click.pass_context
 def run_command(
@@ -381,6 +430,8 @@ def run_command(
     push_private: bool,
     device: str,
     dtype: str,
+    trust_remote_code: bool,
+    allow_outside_data: bool,
     **kwargs: Any,
 ) -> None:
     """Run the whole chain RECIPE describes: calibrate → plan → prune → export (→ validate → push)."""
@@ -412,6 +463,8 @@ def run_command(
         dtype=dtype,
         progress=_progress(),
         placement=placement,
+        allow_outside_data=allow_outside_data,
+        trust_remote_code=trust_remote_code,
         **_overrides(kwargs),
     )
     _report_prune(result)
@@ -465,8 +518,11 @@ def _report_onnx(result: Any) -> None:
     help="Bound on max |onnx - torch| per output, relative to max(1, max |torch|).",
 )
 @click.option("--cpu-only", is_flag=True, help="Verify with ONNX Runtime's CPU provider even where CUDA is available.")
+@_trust_option
 @_verbosity
-def export_onnx_command(model: str, output: Path | None, overwrite: bool, tolerance: float, cpu_only: bool) -> None:
+def export_onnx_command(
+    model: str, output: Path | None, overwrite: bool, tolerance: float, cpu_only: bool, trust_remote_code: bool
+) -> None:
     """Export MODEL (a checkpoint folder or Hub id) to ONNX and verify it against PyTorch.
 
     Text decoders: one model.onnx with KV cache (optimum; ORTModelForCausalLM loads it).
@@ -474,10 +530,13 @@ def export_onnx_command(model: str, output: Path | None, overwrite: bool, tolera
     """
     from .hub import resolve_model_ref
     from .onnx_export import export_onnx
+    from .staging import check_output
 
+    source = resolve_model_ref(model, trust_remote_code=trust_remote_code)
     if output is None:
-        output = resolve_model_ref(model).path / "onnx"
-    _report_onnx(export_onnx(model, output, overwrite=overwrite, tolerance=tolerance, prefer_cuda=not cpu_only))
+        output = source.path / "onnx"
+    check_output(output, overwrite=overwrite, hosts=[source.path])  # into the model folder, never over it
+    _report_onnx(export_onnx(source, output, overwrite=overwrite, tolerance=tolerance, prefer_cuda=not cpu_only))
 
 
 @cli.command("validate")
@@ -511,6 +570,8 @@ def export_onnx_command(model: str, output: Path | None, overwrite: bool, tolera
 @click.option("--overwrite", is_flag=True)
 @_placement_options
 @_device_options
+@_trust_option
+@_outside_option
 @_verbosity
 @click.pass_context
 def validate_command(
@@ -535,6 +596,8 @@ def validate_command(
     overwrite: bool,
     device: str,
     dtype: str,
+    trust_remote_code: bool,
+    allow_outside_data: bool,
     **kwargs: Any,
 ) -> None:
     """Compare a pruned model with its original: accuracy, fidelity, latency; exit 1 when a gate fails."""
@@ -564,6 +627,8 @@ def validate_command(
         overwrite=overwrite,
         junit=junit,
         placement=_placement(kwargs),
+        allow_outside_data=allow_outside_data,
+        trust_remote_code=trust_remote_code,
     )
     log.info("%s\nreport: %s/report.{json,md,html}", result.report["verdict"]["summary"], result.out_dir)
     click.echo(result.verdict_line())

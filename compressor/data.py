@@ -8,11 +8,17 @@ image tokens are expanded (FACTS.md), and only the processor knows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import json
+import re
+import stat
+import struct
 import typing
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,17 @@ from typing import Any
 import torch
 
 from .errors import InputError
+
+# The largest image accepted, in pixels. VLM processors resize their input to a few
+# megapixels at most, so this admits any photo a camera or phone writes (48 MP sensors
+# included) while refusing, from the header alone, a file whose decode would need gigabytes
+# (a 20000x20000 RGB image is 1.2 GB) and would fail minutes in, after the model loaded.
+# Ours rather than PIL's MAX_IMAGE_PIXELS: that is process-global and anyone may change it.
+MAX_IMAGE_PIXELS = 64_000_000
+
+DATA_FIX = (
+    "each line must be a JSON object with a string 'prompt', and optional string 'answer' and 'image' (a path relative to the data file)."
+)
 
 
 @dataclass(frozen=True)
@@ -43,45 +60,78 @@ class Batch:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise InputError(
+            f"File '{path}' cannot be read ({error.strerror or error}).", fix="check that it exists and is readable."
+        ) from None
     return digest.hexdigest()
 
 
-def load_samples(path: Path | str, limit: int | None = None) -> list[Sample]:
-    """Read a JSONL data file; every malformed line is reported with its line number."""
+def load_samples(path: Path | str, limit: int | None = None, *, allow_outside: bool = False) -> list[Sample]:
+    """Read a JSONL data file and check every image it names, before any model is loaded.
+
+    Every malformed line is reported at once with its line number. An image must lie inside
+    the data file's folder (after following symlinks) unless ``allow_outside``: a data file
+    from elsewhere must not make compressor read, say, ``/etc/shadow`` into a model input.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(
-            f"Data file '{path}' does not exist.",
-            fix='pass a JSONL file with one {"prompt": ..., "answer": ..., "image": ...} per line.',
-        )
+    base = path.parent.resolve()
     samples: list[Sample] = []
     problems: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(samples) >= limit:
-                break
-            try:
-                samples.append(_parse_line(line, path.parent))
-            except ValueError as error:
-                problems.append(f"  line {number}: {error}")
+    fixes: dict[str, None] = {DATA_FIX: None}  # ordered, without repeats
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        if limit is not None and len(samples) >= limit:
+            break
+        try:
+            samples.append(_parse_line(line, base, allow_outside=allow_outside))
+        except _ImageProblem as error:
+            problems.append(f"  line {number}: {error}")
+            fixes[error.fix] = None
+        except ValueError as error:
+            problems.append(f"  line {number}: {error}")
     if problems:
         listed = "\n".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
-        raise InputError(
-            f"Data file '{path}' has {len(problems)} malformed line(s):\n{listed}",
-            fix="each line must be a JSON object with a string 'prompt', and optional string "
-            "'answer' and 'image' (a path relative to the data file).",
-        )
+        raise InputError(f"Data file '{path}' has {len(problems)} malformed line(s):\n{listed}", fix=" ".join(fixes))
     if not samples:
         raise InputError(f"Data file '{path}' holds no samples.", fix="add at least one JSONL line.")
     return samples
 
 
-def _parse_line(line: str, base: Path) -> Sample:
+def _read_lines(path: Path) -> Iterator[str]:
+    """The file's lines as text; a missing, unreadable or binary file is an InputError."""
+    fix = 'pass a JSONL text file (UTF-8) with one {"prompt": ..., "answer": ..., "image": ...} per line.'
+    if not path.exists():
+        raise InputError(f"Data file '{path}' does not exist.", fix=fix)
+    if path.is_dir():
+        raise InputError(f"Data file '{path}' is a directory, not a file.", fix=fix)
+    if not path.is_file():
+        raise InputError(f"Data file '{path}' is not a regular file.", fix=fix)
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise InputError(f"Data file '{path}' cannot be read ({error.strerror or error}).", fix="check its permissions.") from None
+    # Streamed: a multi-gigabyte file passed by mistake fails at its first bad byte.
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                # utf-8-sig: editors on Windows start a UTF-8 file with a byte-order mark.
+                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                # A bad byte means a binary file or another encoding: every line would be wrong.
+                raise InputError(
+                    f"Data file '{path}' is not UTF-8 text (line {number}: byte 0x{line[error.start]:02x} at column {error.start + 1}).",
+                    fix=f"{fix} If it is text in another encoding, convert it to UTF-8.",
+                ) from None
+            yield text
+
+
+def _parse_line(line: str, base: Path, *, allow_outside: bool) -> Sample:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -100,9 +150,7 @@ def _parse_line(line: str, base: Path) -> Sample:
     if image is not None:
         if not isinstance(image, str):
             raise ValueError("'image' must be a path string")
-        image_path = (base / image).resolve()
-        if not image_path.is_file():
-            raise ValueError(f"image '{image}' not found (looked for {image_path})")
+        image_path = _check_image(image, base, allow_outside=allow_outside)
     choices = record.get("choices")
     if choices is not None:
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -111,6 +159,88 @@ def _parse_line(line: str, base: Path) -> Sample:
             raise ValueError("with 'choices', 'answer' must be one of them")
         choices = tuple(choices)
     return Sample(prompt=prompt, answer=answer, image=image_path, choices=choices)
+
+
+class _ImageProblem(ValueError):
+    """What is wrong with one image (a phrase after its name) and how to fix it."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
+def _check_image(image: str, base: Path, *, allow_outside: bool) -> Path:
+    """The resolved path of a line's ``image``, once it is known to be a readable, intact image
+    within MAX_IMAGE_PIXELS: it is decoded only at batch time, minutes later, after the model loaded."""
+    try:
+        path = (base / image).resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise ValueError(f"image '{image}' cannot be resolved ({error})") from None
+    if not allow_outside and not path.is_relative_to(base):
+        raise _ImageProblem(
+            f"image '{image}' is outside the data file's folder (it is {path})",
+            f"keep images in '{base}' or below, or pass --allow-outside-data if you trust this data file.",
+        )
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ValueError(f"image '{image}' not found (looked for {path})") from None
+    except OSError as error:
+        raise ValueError(f"image '{image}' cannot be accessed ({error.strerror or error})") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"image '{image}' is a directory ({path}), not an image file")
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end when read
+        raise ValueError(f"image '{image}' is not a regular file ({path})")
+    try:
+        with _open_image(path) as opened:
+            opened.verify()  # the file's structure (PNG chunk checksums, ...), without decoding it
+    except _ImageProblem as problem:
+        raise _ImageProblem(f"image '{image}' {problem}", problem.fix) from None
+    return path
+
+
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator[Any]:
+    """``Image.open(path)`` (the header only) of an image within MAX_IMAGE_PIXELS. Every way the
+    file can fail, on opening or in the caller's block, becomes an _ImageProblem."""
+    from PIL import Image, UnidentifiedImageError
+
+    replace = "replace it (export or download it again) or remove its line."
+    try:
+        with warnings.catch_warnings():
+            # PIL warns from its own MAX_IMAGE_PIXELS on; our cap, below, decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _too_large(f"{width}x{height} pixels")
+            yield image
+    except _ImageProblem:
+        raise
+    except FileNotFoundError:
+        raise _ImageProblem("does not exist", "restore it or remove its line.") from None
+    except IsADirectoryError:
+        raise _ImageProblem("is a directory, not an image file", "point 'image' at a file.") from None
+    except PermissionError:
+        raise _ImageProblem("cannot be read (permission denied)", "make it readable by this user.") from None
+    except UnidentifiedImageError:
+        raise _ImageProblem("is not an image PIL can read (a wrong extension, or not an image at all)", replace) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Beyond twice its own limit PIL refuses to open the file at all, so only its
+        # message tells the size.
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise _too_large(f"{int(pixels[1])} pixels" if pixels else "more pixels than PIL will open") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+        # PIL's ways to say truncated or corrupt: "broken PNG file" is a SyntaxError.
+        raise _ImageProblem(f"is truncated or corrupt ({error})", replace) from None
+
+
+def _too_large(size: str) -> _ImageProblem:
+    return _ImageProblem(
+        f"is too large: {size}, above the {MAX_IMAGE_PIXELS // 1_000_000} megapixel limit",
+        "resize it to a few megapixels (the model's processor shrinks it to less than that anyway).",
+    )
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -232,13 +362,12 @@ def _encode(processor: Any, samples: list[Sample], *, with_answer: bool) -> dict
 
 
 def _load_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
+    # load_samples checked the file, but it may have changed since: the model took minutes to load.
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise InputError(f"Image '{path}' cannot be read ({error}).", fix="replace or remove it.") from None
+    except _ImageProblem as problem:
+        raise InputError(f"Image '{path}' {problem}.", fix=problem.fix) from None
 
 
 def _truncate(

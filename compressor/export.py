@@ -8,7 +8,9 @@ unexpected keys, the block count as planned, and logits equal to the in-memory m
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,28 @@ log = logging.getLogger(__name__)
 
 # float32 save/load is bit-exact on one device; the slack covers kernels that reorder sums.
 LOGITS_TOLERANCE = 1e-5
+
+# The tokenizer and processor files a checkpoint may carry. They reach the export byte for byte
+# from the source: `save_pretrained` of a loaded tokenizer drops files it does not use (a
+# SentencePiece `tokenizer.model` beside `tokenizer.json`), and clients such as llama.cpp's
+# converter build their vocabulary from exactly those files.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "*.model",  # SentencePiece: tokenizer.model, spiece.model, ...
+    "*.tiktoken",
+    "*.jinja",
+    "additional_chat_templates/*.jinja",
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,9 @@ def export_hf(
         processor.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None and not (staging / "generation_config.json").exists():
             model.generation_config.save_pretrained(staging)
+        if source is not None:
+            copy_tokenizer_files(source.path, staging)
+        strip_remote_code(staging, trusted=source is not None and source.trust_remote_code)
         write_provenance(
             staging,
             name=out.name,
@@ -138,10 +165,44 @@ def write_provenance(
 
 
 def source_facts(source: ModelSource | None) -> dict[str, Any]:
-    """What the manifest and the card say about the base model."""
+    """What the manifest and the card say about the base model (never a local path)."""
     if source is None:
         return {}
-    return {"ref": source.ref, "hub_id": source.hub_id, "revision": source.revision, "license": base_license(source.path)}
+    return {
+        "ref": source.public_name,
+        "hub_id": source.hub_id,
+        "revision": source.revision,
+        "license": base_license(source.path),
+        "trust_remote_code": source.trust_remote_code,
+    }
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer/processor files of ``folder`` (`TOKENIZER_FILES`), as paths relative to it."""
+    found = {path for pattern in TOKENIZER_FILES for path in folder.glob(pattern) if path.is_file()}
+    return sorted(path.relative_to(folder) for path in found)
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> list[Path]:
+    """Copy every tokenizer/processor file of ``source`` into ``out``, byte for byte, replacing
+    what `save_pretrained` wrote there; returns the copied relative paths."""
+    copied = tokenizer_files(source)
+    for relative in copied:
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / relative, out / relative)
+    return copied
+
+
+def strip_remote_code(folder: Path, *, trusted: bool) -> None:
+    """Drop ``auto_map`` from the exported config.json unless the user trusted the model's code:
+    an export must not point loaders at Python files it does not carry (or that nobody vetted)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if trusted or "auto_map" not in config:
+        return
+    del config["auto_map"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("dropped auto_map from the exported config.json (the model's own code is not trusted)")
 
 
 def verify_reload(model: Any, processor: Any, adapter: Adapter, folder: Path, samples: list[Sample]) -> float:

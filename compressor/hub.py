@@ -36,9 +36,18 @@ class ModelSource:
     path: Path
     hub_id: str | None = None
     revision: str | None = None
+    # Whether code shipped with the model (``auto_map`` + *.py) may run: only when the user
+    # said so (--trust-remote-code). Every transformers load passes it explicitly.
+    trust_remote_code: bool = False
+
+    @property
+    def public_name(self) -> str:
+        """How published files name this model: the Hub id, or just the folder's name (a
+        local path says things about the machine, such as a user name)."""
+        return self.hub_id or self.path.name
 
 
-def resolve_model_ref(ref: str, *, revision: str | None = None) -> ModelSource:
+def resolve_model_ref(ref: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ModelSource:
     local = Path(ref).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -51,21 +60,24 @@ def resolve_model_ref(ref: str, *, revision: str | None = None) -> ModelSource:
                 f"Model folder '{ref}' has no config.json.",
                 fix="pass a folder written by save_pretrained (config.json + *.safetensors).",
             )
-        return ModelSource(ref=ref, path=local.resolve())
+        return ModelSource(ref=ref, path=local.resolve(), trust_remote_code=trust_remote_code)
     if not _HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
         raise InputError(
             f"Model path '{ref}' does not exist.",
             fix="pass an existing model folder, or a Hugging Face Hub id such as 'org/name'.",
         )
-    return ModelSource(ref=ref, path=_download(ref, revision), hub_id=ref, revision=revision)
+    path = _download(ref, revision, code=trust_remote_code)
+    return ModelSource(ref=ref, path=path, hub_id=ref, revision=revision, trust_remote_code=trust_remote_code)
 
 
-def _download(hub_id: str, revision: str | None) -> Path:
+def _download(hub_id: str, revision: str | None, *, code: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        folder = snapshot_download(hub_id, revision=revision, allow_patterns=_CHECKPOINT_FILES)
+        # The model's own Python files only when the user trusts them; never otherwise.
+        patterns = [*_CHECKPOINT_FILES, "*.py"] if code else _CHECKPOINT_FILES
+        folder = snapshot_download(hub_id, revision=revision, allow_patterns=patterns)
     except RepositoryNotFoundError:
         raise InputError(
             f"'{hub_id}' is neither a local folder nor a Hub repository you can access.",

@@ -105,14 +105,30 @@ def _available_ram() -> int:
     return int(psutil.virtual_memory().available * 0.9)
 
 
-def load_config(path: Path) -> Any:
+def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """The folder's config. Code in the folder (``auto_map``) runs only with ``trust_remote_code``:
+    transformers would otherwise ask on stdin, and a piped "y" would run it."""
     try:
-        return transformers.AutoConfig.from_pretrained(path)
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, json.JSONDecodeError, KeyError) as error:
+        if not trust_remote_code and _asks_for_code(path):
+            raise InputError(
+                f"'{path / 'config.json'}' needs the Python code shipped in its folder (auto_map), and compressor "
+                "never runs code from a model folder unless asked.",
+                fix="use a model of a supported family (see `compressor arch list`), or pass --trust-remote-code "
+                "if you have read that code and trust it.",
+            ) from None
         raise InputError(
             f"'{path / 'config.json'}' cannot be read as a model config ({error}).",
             fix="pass a folder written by save_pretrained.",
         ) from None
+
+
+def _asks_for_code(path: Path) -> bool:
+    try:
+        return "auto_map" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def check_safetensors(path: Path) -> list[Path]:
@@ -135,11 +151,11 @@ def check_safetensors(path: Path) -> list[Path]:
     return files
 
 
-def load_processor(path: Path, adapter: Adapter) -> Any:
+def load_processor(path: Path, adapter: Adapter, *, trust_remote_code: bool = False) -> Any:
     try:
         if adapter.multimodal:
-            return _assemble_processor(path)
-        return transformers.AutoTokenizer.from_pretrained(path)
+            return _assemble_processor(path, trust_remote_code)
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, ImportError) as error:
         raise InputError(
             f"No usable {'processor' if adapter.multimodal else 'tokenizer'} in '{path}' ({error}).",
@@ -147,7 +163,7 @@ def load_processor(path: Path, adapter: Adapter) -> Any:
         ) from None
 
 
-def _assemble_processor(path: Path) -> Any:
+def _assemble_processor(path: Path, trust_remote_code: bool) -> Any:
     """The model's processor, assembled part by part with each part's own Auto class.
 
     ``AutoProcessor`` alone does not do: it passes one ``use_fast`` to every part, and the slow
@@ -159,15 +175,16 @@ def _assemble_processor(path: Path) -> Any:
     """
     name = _saved_processor_class(path)
     processor_class = processor_class_from_name(name) if name else None
+    code = {"trust_remote_code": trust_remote_code}
     loaders = {
-        "image_processor": lambda: transformers.AutoImageProcessor.from_pretrained(path, use_fast=False),
-        "tokenizer": lambda: transformers.AutoTokenizer.from_pretrained(path),
+        "image_processor": lambda: transformers.AutoImageProcessor.from_pretrained(path, use_fast=False, **code),
+        "tokenizer": lambda: transformers.AutoTokenizer.from_pretrained(path, **code),
         "video_processor": lambda: (
-            transformers.AutoVideoProcessor.from_pretrained(path) if is_torchvision_available() else video_processor_placeholder()
+            transformers.AutoVideoProcessor.from_pretrained(path, **code) if is_torchvision_available() else video_processor_placeholder()
         ),
     }
     if processor_class is None or any(part not in loaders for part in processor_class.attributes):
-        return transformers.AutoProcessor.from_pretrained(path)
+        return transformers.AutoProcessor.from_pretrained(path, **code)
     parts = [loaders[part]() for part in processor_class.attributes]
     processor_dict, _ = processor_class.get_processor_dict(path)  # chat template, image_seq_len, ...
     return processor_class.from_args_and_dict(parts, processor_dict)
@@ -243,17 +260,21 @@ def load_model(
     placement: Placement | None = None,
     gpus: list[int] | None = None,
     auto_dtype: str = "checkpoint",
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Resolve ``ref``, check its files, and load model + processor in eval mode.
 
     With a ``placement`` device map, accelerate spreads the blocks over the GPUs (``gpus``: this
     process's share of them), then CPU RAM, then the offload folder; ``device`` is then unused.
-    ``auto_dtype`` says what ``dtype="auto"`` means (see `resolve_dtype`)."""
-    source = ref if isinstance(ref, ModelSource) else resolve_model_ref(ref)
-    config = load_config(source.path)
+    ``auto_dtype`` says what ``dtype="auto"`` means (see `resolve_dtype`). Code shipped with the
+    model runs only with ``trust_remote_code`` (or a source resolved with it)."""
+    source = ref if isinstance(ref, ModelSource) else resolve_model_ref(ref, trust_remote_code=trust_remote_code)
+    config = load_config(source.path, trust_remote_code=source.trust_remote_code)
     adapter = adapter_for_config(config)
     check_safetensors(source.path)
-    architecture = (getattr(config, "architectures", None) or [adapter.architectures[0]])[0]
+    # The transformers class of the family (a custom name listed first would not be one).
+    named = [name for name in getattr(config, "architectures", None) or [] if name in adapter.architectures]
+    architecture = (named or [adapter.architectures[0]])[0]
     model_class = getattr(transformers, architecture)
     spread = placement is not None and placement.device_map is not None
     if spread and device not in (None, "auto", "cpu"):
@@ -264,7 +285,10 @@ def load_model(
     if spread and device == "cpu":
         gpus = []  # a device map over CPU RAM (and the offload folder) only
     torch_device = resolve_device("auto" if spread and device != "cpu" else device)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device=torch_device, auto=auto_dtype)}
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(dtype, device=torch_device, auto=auto_dtype),
+        "trust_remote_code": source.trust_remote_code,
+    }
     if spread:
         assert placement is not None
         kwargs["device_map"] = placement.device_map
@@ -286,6 +310,6 @@ def load_model(
     else:
         model.to(torch_device)
     model.eval()
-    processor = load_processor(source.path, adapter)
+    processor = load_processor(source.path, adapter, trust_remote_code=source.trust_remote_code)
     log.info("loaded %s (%s, %d blocks) from %s", architecture, adapter.family, adapter.num_blocks(model.config), source.path)
     return LoadedModel(model=model, processor=processor, adapter=adapter, source=source)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,26 @@ UNCHECKED = frozenset({MANIFEST, "README.md"})
 
 _invocation: list[str] | None = None
 
+# Options that take a local path, and the placeholder the published command shows instead: the
+# manifest and card are uploaded, and a path such as /home/alice/data/calib.jsonl says more
+# about the machine than anyone needs. `recipe.yaml` and `plan.json` sit in the export itself.
+PATH_PLACEHOLDERS = {
+    "--data": "DATA.jsonl",
+    "--eval": "EVAL.jsonl",
+    "--calibration": "calibration.json",
+    "--plan": "plan.json",
+    "--recipe": "recipe.yaml",
+    "-o": "OUT",
+    "--output": "OUT",
+    "--offload-folder": "OFFLOAD_DIR",
+    "--model": "MODEL",
+    "--base": "BASE_MODEL",
+    "--pruned": "PRUNED",
+    "--report": "REPORT",
+    "--junit": "JUNIT.xml",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 
 def record_invocation(argv: list[str]) -> None:
     """Remember the command line (set once by the CLI), so the manifest can say how to reproduce."""
@@ -35,7 +56,47 @@ def record_invocation(argv: list[str]) -> None:
 
 
 def invocation() -> str | None:
-    return shlex.join(["compressor", *_invocation]) if _invocation is not None else None
+    """The command line as published: local paths replaced by placeholders (`public_argv`)."""
+    return shlex.join(["compressor", *public_argv(_invocation)]) if _invocation is not None else None
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """``argv`` with every local path replaced by a placeholder; Hub ids and other values kept."""
+    shown: list[str] = []
+    pending: str | None = None  # the option whose value comes next
+    command_seen = False
+    for token in argv:
+        if pending is not None:
+            shown.append(_public_value(token, PATH_PLACEHOLDERS[pending]))
+            pending = None
+        elif token.startswith("-"):
+            name, eq, value = token.partition("=")
+            if name in PATH_PLACEHOLDERS:
+                if eq:
+                    shown.append(f"{name}={_public_value(value, PATH_PLACEHOLDERS[name])}")
+                else:
+                    shown.append(token)
+                    pending = name
+            else:
+                shown.append(token)
+        elif not command_seen:  # the command's name
+            shown.append(token)
+            command_seen = True
+        else:  # a positional: MODEL, RECIPE or FOLDER
+            placeholder = "recipe.yaml" if token.endswith((".yaml", ".yml")) else "MODEL"
+            shown.append(_public_value(token, placeholder) if _is_local(token) else token)
+    return shown
+
+
+def _public_value(value: str, placeholder: str) -> str:
+    return placeholder if _is_local(value) or not _HUB_ID.match(value) else value
+
+
+def _is_local(token: str) -> bool:
+    try:
+        return token.startswith(("/", "~", ".")) or Path(token).expanduser().exists()
+    except OSError:
+        return True
 
 
 def folder_files(folder: Path) -> list[Path]:

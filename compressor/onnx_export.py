@@ -32,6 +32,7 @@ from .calibrate import environment
 from .data import build_batch
 from .errors import UnsupportedArchitectureError, VerificationError
 from .export import verification_samples
+from .hub import ModelSource
 from .loading import LoadedModel, load_model
 from .onnx_graphs import Decoder, DecoderSpec, TokenEmbedding, VisionEncoder, decoder_io, decoder_spec, export_graph
 from .onnx_runtime import METADATA, METADATA_FORMAT, SplitRunner, session
@@ -82,7 +83,7 @@ def check_exportable(adapter: Adapter) -> None:
 
 
 def export_onnx(
-    model_ref: str | Path | LoadedModel,
+    model_ref: str | Path | LoadedModel | ModelSource,
     out: Path | str,
     *,
     overwrite: bool = False,
@@ -93,7 +94,10 @@ def export_onnx(
     """Export ``model_ref`` (a checkpoint folder, Hub id, or loaded model) to ``out``."""
     out = Path(out)
     refuse_existing(out, overwrite)
-    loaded = model_ref if isinstance(model_ref, LoadedModel) else load_model(str(model_ref), device="cpu", dtype="float32")
+    if isinstance(model_ref, LoadedModel):
+        loaded = model_ref
+    else:
+        loaded = load_model(model_ref if isinstance(model_ref, ModelSource) else str(model_ref), device="cpu", dtype="float32")
     check_exportable(loaded.adapter)
     model = loaded.model.float().cpu().eval()
     with staged_dir(out, overwrite=overwrite) as staging:
@@ -107,7 +111,7 @@ def export_onnx(
             "format": METADATA_FORMAT,
             "layout": loaded.adapter.onnx,
             "family": loaded.adapter.family,
-            "source": str(loaded.source.path),
+            "source": loaded.source.public_name,  # published with the graphs: no local path
             "graphs": graphs,
             **extra,
             "external_data": sorted(p.name for p in staging.iterdir() if p.name.endswith(".onnx_data")),

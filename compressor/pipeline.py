@@ -9,7 +9,8 @@ failure — a failed ONNX verification included — leaves nothing behind.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from .loading import LoadedModel, Placement, load_config, load_model
 from .manifest import write_manifest
 from .onnx_export import OnnxExportResult, export_onnx
 from .planner import SurgeryPlan, plan
-from .recipe import FUNCTIONAL_METRICS, Conditions, ExportOptions, Greedy, Lowest, Recipe, RecipeFile, Span
-from .staging import refuse_existing, staged_dir
+from .recipe import FUNCTIONAL_METRICS, Conditions, ExportOptions, Greedy, Lowest, Recipe, RecipeFile, Span, load_recipe
+from .staging import check_output, output_lock, staged_dir
 from .surgery import apply_plan, count_parameters
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,7 @@ def write_checkpoint(
     export the written checkpoint to ONNX in ``onnx/`` inside it. Both are verified inside one
     staging folder, which gets its manifest (`manifest.py`) last: ``out`` appears only when
     everything passed, and then says what was checked."""
-    if Path(out).resolve() == source.path.resolve():
-        raise InputError(f"Output '{out}' is the source checkpoint itself.", fix="write the pruned checkpoint to another folder.")
-    with staged_dir(out, overwrite=overwrite) as staging:
+    with staged_dir(out, overwrite=overwrite, sources=[source.path]) as staging:
         hf = staging / "hf"
         result = write(hf, False)
         graphs = export_onnx(hf, hf / "onnx", tolerance=onnx) if onnx is not None else None
@@ -163,54 +162,104 @@ def data_file(recipe_file: RecipeFile | None, data: Path | str | None) -> Path |
 
 
 def run_calibration(
-    loaded: LoadedModel, data: Path, options: CalibrationOptions, *, progress: bool = False, group: Group | None = None
+    loaded: LoadedModel,
+    data: Path,
+    options: CalibrationOptions,
+    *,
+    samples: list[Sample] | None = None,
+    progress: bool = False,
+    group: Group | None = None,
 ) -> tuple[CalibrationReport, list[Sample]]:
-    samples = load_samples(data, limit=options.num_samples)
+    """Calibrate on ``data`` (its ``samples``, when already read and checked)."""
+    samples = samples if samples is not None else load_samples(data, limit=options.num_samples)
     report = calibrate(
         loaded.model,
         loaded.processor,
         loaded.adapter,
         samples,
         options=options,
-        model_ref=loaded.source.hub_id or loaded.source.ref,
-        data_info={"path": str(Path(data).resolve()), "sha256": file_sha256(Path(data))},
+        model_ref=loaded.source.public_name,
+        # The report is published with the checkpoint: the file's name and hash, not its path.
+        data_info={"path": Path(data).name, "sha256": file_sha256(Path(data))},
         progress=progress,
         group=group,
     )
     return report, samples
 
 
-def _obtain_report(
-    loaded: LoadedModel,
-    recipe_file: RecipeFile,
+@dataclass
+class Inputs:
+    """Everything a prune/run reads besides the model, read and checked before the model loads
+    (minutes, for a large one): data samples, the calibration report, a saved plan."""
+
+    data: Path | None = None
+    samples: list[Sample] | None = None
+    report: CalibrationReport | None = None
+    calibration: Path | None = None
+    plan: SurgeryPlan | None = None
+
+
+def read_inputs(
     *,
     data: Path | None,
     calibration: Path | str | None,
+    plan_file: Path | str | None,
     options: CalibrationOptions,
-    progress: bool,
-) -> tuple[CalibrationReport | None, list[Sample] | None]:
-    if calibration is not None or not recipe_file.recipe.needs_calibration:
-        report = CalibrationReport.load(calibration) if calibration is not None else None
+    allow_outside_data: bool,
+) -> Inputs:
+    return Inputs(
+        data=data,
+        samples=load_samples(data, limit=options.num_samples, allow_outside=allow_outside_data) if data is not None else None,
+        report=CalibrationReport.load(calibration) if calibration is not None else None,
+        calibration=Path(calibration) if calibration is not None else None,
+        plan=_read_plan(plan_file) if plan_file is not None else None,
+    )
+
+
+def _read_plan(plan_file: Path | str) -> SurgeryPlan:
+    """A saved plan, with the recipe it came from: carried in the plan, or `recipe.yaml` beside
+    it (a `run` folder) — so the pruned checkpoint keeps the recipe's validation gates."""
+    saved = SurgeryPlan.load(plan_file)
+    beside = Path(plan_file).parent / "recipe.yaml"
+    if saved.recipe_text is None and beside.is_file():
+        recipe = load_recipe(beside)
+        if recipe.recipe.name == saved.recipe:
+            saved = replace(saved, recipe_text=recipe.text)
+    return saved
+
+
+@contextmanager
+def claimed(out: Path | str, *, overwrite: bool, sources: list[Path | str | None]) -> Iterator[None]:
+    """Check ``out`` against the output policy and hold its lock for the whole command."""
+    check_output(out, overwrite=overwrite, sources=sources)
+    with output_lock(out):
+        yield
+
+
+def _obtain_report(
+    loaded: LoadedModel, recipe_file: RecipeFile, inputs: Inputs, *, options: CalibrationOptions, progress: bool
+) -> CalibrationReport | None:
+    if inputs.report is not None or not recipe_file.recipe.needs_calibration:
+        report = inputs.report
         measured = report.model.get("architecture") if report else None
         if measured and measured != type(loaded.model).__name__:
             raise InputError(
-                f"Calibration report '{calibration}' was measured on a {measured}, not a {type(loaded.model).__name__}.",
+                f"Calibration report '{inputs.calibration}' was measured on a {measured}, not a {type(loaded.model).__name__}.",
                 fix="calibrate this model (`compressor calibrate MODEL --data D -o calibration.json`).",
             )
-        # Samples, when given, still serve as the inputs of the export's reload check.
-        return report, load_samples(data, limit=options.num_samples) if data else None
-    if data is None:
+        return report  # samples, when given, still serve as the inputs of the export's reload check
+    if inputs.data is None:
         raise PlanError(
             f"Recipe '{recipe_file.path.name}' selects by metric ({recipe_file.recipe.select.op}) and needs calibration data.",
             fix="pass --data FILE.jsonl, --calibration calibration.json, or set calibration.data in the recipe.",
         )
-    return run_calibration(loaded, data, options, progress=progress)
+    report, _ = run_calibration(loaded, inputs.data, options, samples=inputs.samples, progress=progress)
+    return report
 
 
-def _surgery_plan(recipe_file: RecipeFile | None, plan_file: Path | str | None) -> SurgeryPlan | None:
+def _one_of(recipe_file: RecipeFile | None, plan_file: Path | str | None) -> None:
     if (recipe_file is None) == (plan_file is None):
         raise InputError("Give exactly one of --recipe or --plan.", fix="pass a recipe YAML, or a plan.json from `compressor plan -o`.")
-    return SurgeryPlan.load(plan_file) if plan_file is not None else None
 
 
 def prune(
@@ -228,6 +277,8 @@ def prune(
     dry_run: bool = False,
     onnx: bool | None = None,
     placement: Placement | None = None,
+    allow_outside_data: bool = False,
+    trust_remote_code: bool = False,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``.
@@ -237,42 +288,42 @@ def prune(
 
     The blocks come from a recipe (planned here) or from a saved plan. With ``dry_run`` it
     stops after planning: nothing is written. ``onnx`` (default: the recipe's export formats)
-    adds the verified ONNX graphs in ``out/onnx``.
+    adds the verified ONNX graphs in ``out/onnx``. Every input is read and checked, and the
+    output claimed (`staging.check_output`, locked), before the model loads.
     """
     tolerance = onnx_tolerance(recipe_file, onnx)
-    fixed_plan = _surgery_plan(recipe_file, plan_file)
-    if not dry_run:
-        refuse_existing(Path(out), overwrite)
+    _one_of(recipe_file, plan_file)
     if data is not None and calibration is not None:
         raise InputError("Give either --data or --calibration, not both.", fix="drop one of them.")
     data_path = data_file(recipe_file, data) if calibration is None else None
     options = calibration_options(recipe_file.recipe if recipe_file else None, **calibration_overrides)
-    loaded = _load(model_ref, device, dtype, placement)
-    if fixed_plan is not None:  # a saved plan: data and report, when given, only feed the export
-        samples = load_samples(data_path, limit=options.num_samples) if data_path else None
-        report = CalibrationReport.load(calibration) if calibration else None
-    else:
-        assert recipe_file is not None  # guaranteed by _surgery_plan
-        report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=calibration, options=options, progress=progress)
-    return _prune_loaded(
-        loaded,
-        recipe_file,
-        out,
-        report=report,
-        samples=samples,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        fixed_plan=fixed_plan,
-        onnx=tolerance,
-        out_of_core=_spread(placement),
-    )
+    source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
+    sources = [source.path, data_path, calibration, plan_file, recipe_file.path if recipe_file else None]
+    with claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext():
+        inputs = read_inputs(
+            data=data_path, calibration=calibration, plan_file=plan_file, options=options, allow_outside_data=allow_outside_data
+        )
+        loaded = _load(source, device, dtype, placement)
+        report = inputs.report if recipe_file is None else _obtain_report(loaded, recipe_file, inputs, options=options, progress=progress)
+        return _prune_loaded(
+            loaded,
+            recipe_file,
+            out,
+            report=report,
+            samples=inputs.samples,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            fixed_plan=inputs.plan,
+            onnx=tolerance,
+            out_of_core=_spread(placement),
+        )
 
 
 def _spread(placement: Placement | None) -> bool:
     return placement is not None and placement.device_map is not None
 
 
-def _load(model_ref: str, device: str | None, dtype: str | None, placement: Placement | None) -> LoadedModel:
+def _load(model_ref: str | ModelSource, device: str | None, dtype: str | None, placement: Placement | None) -> LoadedModel:
     """The model in memory: whole on ``device``, or spread by a device map (then in the compute
     dtype — it is only measured, never exported from memory)."""
     if _spread(placement):
@@ -291,19 +342,36 @@ def prune_out_of_core(
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
     onnx: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> PruneResult:
     """Rewrite the checkpoint's safetensors files without loading the model (no GPU, little RAM).
 
     The plan comes from a saved plan, an explicit recipe, or a recipe plus an existing
     calibration report; calibrating needs the model in memory, so it cannot happen here.
     """
-    fixed_plan = _surgery_plan(recipe_file, plan_file)
-    if not dry_run:
-        refuse_existing(Path(out), overwrite)
-    source = resolve_model_ref(model_ref)
-    config = load_config(source.path)
+    _one_of(recipe_file, plan_file)
+    source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
+    sources = [source.path, calibration, plan_file, recipe_file.path if recipe_file else None]
+    with claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext():
+        options = CalibrationOptions()
+        inputs = read_inputs(data=None, calibration=calibration, plan_file=plan_file, options=options, allow_outside_data=False)
+        return _prune_out_of_core(source, out, recipe_file, inputs, overwrite=overwrite, dry_run=dry_run, progress=progress, onnx=onnx)
+
+
+def _prune_out_of_core(
+    source: ModelSource,
+    out: Path | str,
+    recipe_file: RecipeFile | None,
+    inputs: Inputs,
+    *,
+    overwrite: bool,
+    dry_run: bool,
+    progress: Callable[[int, int], None] | None,
+    onnx: bool | None,
+) -> PruneResult:
+    config = load_config(source.path, trust_remote_code=source.trust_remote_code)
     adapter = adapter_for_config(config)
-    report = CalibrationReport.load(calibration) if calibration else None
+    report, fixed_plan = inputs.report, inputs.plan
     if fixed_plan is None:
         assert recipe_file is not None  # guaranteed by _surgery_plan
         if recipe_file.recipe.needs_calibration and report is None:
@@ -313,7 +381,8 @@ def prune_out_of_core(
                 fix="run `compressor calibrate MODEL --data D -o calibration.json` first and pass "
                 "--calibration, or use an explicit recipe or a saved --plan.",
             )
-        fixed_plan = plan(recipe_file.recipe, adapter.num_blocks(config), report)
+        fixed_plan = replace(plan(recipe_file.recipe, adapter.num_blocks(config), report), recipe_text=recipe_file.text)
+    fixed_plan.check_model(adapter.num_blocks(config), source.public_name)
     if dry_run:
         return PruneResult(plan=fixed_plan, export=None, calibration=report)
     _refuse_empty(fixed_plan)
@@ -323,7 +392,7 @@ def prune_out_of_core(
             folder,
             fixed_plan,
             adapter,
-            recipe_text=recipe_file.text if recipe_file else None,
+            recipe_text=fixed_plan.recipe_text,
             calibration=report,
             source=source,
             overwrite=replace_existing,
@@ -361,12 +430,17 @@ def _prune_loaded(
     out_of_core: bool = False,
 ) -> PruneResult:
     num_blocks = loaded.adapter.num_blocks(loaded.model.config)
-    surgery_plan = fixed_plan or plan(recipe_file.recipe, num_blocks, report)  # type: ignore[union-attr]
+    if fixed_plan is None:
+        assert recipe_file is not None  # prune/run give a recipe or a plan
+        surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report), recipe_text=recipe_file.text)
+    else:
+        surgery_plan = fixed_plan
+    surgery_plan.check_model(num_blocks, loaded.source.public_name)
     log.debug("%s", surgery_plan.describe())
     if dry_run:
         return PruneResult(plan=surgery_plan, export=None, calibration=report)
     _refuse_empty(surgery_plan)
-    recipe_text = recipe_file.text if recipe_file else None
+    recipe_text = surgery_plan.recipe_text
     if out_of_core:  # a spread model: rewrite the source files rather than gather it to save
 
         def write(folder: Path, replace_existing: bool) -> Any:
@@ -419,6 +493,8 @@ def run(
     progress: bool = False,
     onnx: bool | None = None,
     placement: Placement | None = None,
+    allow_outside_data: bool = False,
+    trust_remote_code: bool = False,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """The whole chain a recipe describes, everything of the run under ``out``.
@@ -434,47 +510,50 @@ def run(
             f"No model given for recipe '{recipe_file.path.name}'.",
             fix="pass --model (a folder or Hub id), or set `model:` in the recipe.",
         )
-    refuse_existing(Path(out), overwrite)
     options = calibration_options(recipe_file.recipe, **calibration_overrides)
     data_path = data_file(recipe_file, data)
     thresholds = recipe_file.recipe.thresholds
     if eval_data is None and thresholds is not None and thresholds.data:
         eval_data = recipe_file.resolve(thresholds.data)
-    if eval_data is not None and not Path(eval_data).is_file():
-        raise InputError(f"Evaluation data '{eval_data}' does not exist.", fix="pass an existing JSONL file.")
-    loaded = _load(model_ref, device, dtype, placement)
-    with staged_dir(out, overwrite=overwrite) as staging:
-        report, samples = _obtain_report(loaded, recipe_file, data=data_path, calibration=None, options=options, progress=progress)
-        if report is not None:
-            report.save(staging / "calibration.json")
-        result = _prune_loaded(
-            loaded,
-            recipe_file,
-            staging / "hf",
-            report=report,
-            samples=samples,
-            overwrite=False,
-            onnx=onnx_tolerance(recipe_file, onnx),
-            out_of_core=_spread(placement),
-        )
-        result.plan.save(staging / "plan.json")
-        (staging / "recipe.yaml").write_text(recipe_file.text)
-    final = Path(out).resolve() / "hf"
-    result.export = replace(result.export, path=final)
-    if result.onnx is not None:
-        result.onnx = replace(result.onnx, path=final / "onnx")
-    if eval_data is not None:
-        from .validate import thresholds_from_recipe, validate
+    source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
+    with claimed(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]):
+        inputs = read_inputs(data=data_path, calibration=None, plan_file=None, options=options, allow_outside_data=allow_outside_data)
+        if eval_data is not None:  # checked now, not after calibrating and pruning
+            load_samples(eval_data, limit=(validate_options or {}).get("num_samples"), allow_outside=allow_outside_data)
+        loaded = _load(source, device, dtype, placement)
+        with staged_dir(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]) as staging:
+            report = _obtain_report(loaded, recipe_file, inputs, options=options, progress=progress)
+            if report is not None:
+                report.save(staging / "calibration.json")
+            result = _prune_loaded(
+                loaded,
+                recipe_file,
+                staging / "hf",
+                report=report,
+                samples=inputs.samples,
+                overwrite=False,
+                onnx=onnx_tolerance(recipe_file, onnx),
+                out_of_core=_spread(placement),
+            )
+            result.plan.save(staging / "plan.json")
+            (staging / "recipe.yaml").write_text(recipe_file.text)
+        final = Path(out).resolve() / "hf"
+        result.export = replace(result.export, path=final)
+        if result.onnx is not None:
+            result.onnx = replace(result.onnx, path=final / "onnx")
+        if eval_data is not None:
+            from .validate import thresholds_from_recipe, validate
 
-        del loaded  # the validation loads both models afresh, from their folders
-        result.validation = validate(
-            model_ref,
-            str(final),
-            eval_data,
-            Path(out) / "report",
-            gates=thresholds_from_recipe(final, None),
-            device=device,
-            dtype=dtype,
-            **(validate_options or {}),
-        )
+            del loaded  # the validation loads both models afresh, from their folders
+            result.validation = validate(
+                source,
+                str(final),
+                eval_data,
+                Path(out) / "report",
+                gates=thresholds_from_recipe(final, None),
+                device=device,
+                dtype=dtype,
+                allow_outside_data=allow_outside_data,
+                **(validate_options or {}),
+            )
     return result

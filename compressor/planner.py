@@ -13,11 +13,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from .calibrate import MODALITIES, CalibrationReport
-from .errors import InputError, PlanError
-from .recipe import FUNCTIONAL_METRICS, Conditions, Explicit, Greedy, Lowest, Recipe, Span
+from .errors import InputError, PlanError, RecipeError
+from .recipe import (
+    FUNCTIONAL_METRICS,
+    OPS,
+    Conditions,
+    Explicit,
+    Greedy,
+    Lowest,
+    Recipe,
+    Span,
+    did_you_mean,
+    parse_recipe,
+    read_input_text,
+)
 
 PLAN_FORMAT = "compressor.plan/1"
+MAX_PLAN_BYTES = 10_000_000  # a plan of a 1,000-block model is ~200 kB
+MAX_BLOCKS = 100_000  # far above any model; keeps `kept` (a list of every index) small
+_FIX = "write the plan again with `compressor plan --recipe R ... -o plan.json` (or correct the fields listed)."
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,8 @@ class SurgeryPlan:
     notes: tuple[str, ...] = ()
     calibration: dict[str, Any] | None = None
     format: str = PLAN_FORMAT
+    # The verbatim recipe the plan came from, so that applying a saved plan keeps its gates.
+    recipe_text: str | None = None
 
     @property
     def removed_indices(self) -> list[int]:
@@ -58,20 +77,45 @@ class SurgeryPlan:
 
     @classmethod
     def load(cls, path: Path | str) -> SurgeryPlan:
+        """Read a plan written by `save`, refusing (with every problem, each by field) anything
+        that would prune the wrong blocks: indices out of range, repeated, or not integers."""
         path = Path(path)
+        text = read_input_text(path, "Plan", max_bytes=MAX_PLAN_BYTES, error=InputError, fix=_FIX)
         try:
-            raw = json.loads(path.read_text())
-            if raw.get("format") != PLAN_FORMAT:
-                raise ValueError(f"format is {raw.get('format')!r}, expected {PLAN_FORMAT!r}")
-            raw.pop("kept", None)
-            raw["removed"] = tuple(RemovedBlock(**b) for b in raw["removed"])
-            raw["protected"] = tuple(raw.get("protected", ()))
-            raw["notes"] = tuple(raw.get("notes", ()))
-            return cls(**raw)
-        except FileNotFoundError:
-            raise InputError(f"Plan '{path}' does not exist.", fix="write one with `compressor plan -o`.") from None
-        except (ValueError, TypeError, KeyError) as error:
-            raise InputError(f"'{path}' is not a compressor plan ({error}).", fix="write one with `compressor plan -o`.") from None
+            raw = json.loads(text)
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+            raise InputError(f"Plan '{path}' is not JSON ({error}).", fix=_FIX) from None
+        if not isinstance(raw, dict):
+            raise InputError(f"Plan '{path}' is a JSON {type(raw).__name__}, not an object.", fix=_FIX)
+        if raw.get("format") != PLAN_FORMAT:
+            raise InputError(f"'{path}' is not a compressor plan (format is {raw.get('format')!r}, expected {PLAN_FORMAT!r}).", fix=_FIX)
+        try:
+            checked, problems = _PlanFile.model_validate(raw), []
+        except ValidationError as error:
+            checked, problems = None, [_describe(e) for e in error.errors()]
+        problems += _consistency(raw)
+        if checked is None or problems:
+            listed = "\n".join(f"  - {p}" for p in problems)
+            raise InputError(f"Plan '{path}': {len(problems)} problem(s):\n{listed}", fix=_FIX)
+        return cls(
+            recipe=checked.recipe,
+            op=checked.op,
+            num_blocks=checked.num_blocks,
+            removed=tuple(RemovedBlock(index=b.index, reason=b.reason, metrics=b.metrics) for b in checked.removed),
+            protected=tuple(checked.protected),
+            criterion=checked.criterion,
+            notes=tuple(checked.notes),
+            calibration=checked.calibration,
+            recipe_text=checked.recipe_text,
+        )
+
+    def check_model(self, num_blocks: int, model: str) -> None:
+        """Refuse to apply this plan to a model with another number of blocks than it was made for."""
+        if num_blocks != self.num_blocks:
+            raise PlanError(
+                f"The plan (recipe '{self.recipe}') was made for a model with {self.num_blocks} blocks, but '{model}' has {num_blocks}.",
+                fix="make a plan for this model: `compressor plan --recipe R --model MODEL -o plan.json`.",
+            )
 
     def describe(self) -> str:
         """A human-readable table: what goes, why, and what remains."""
@@ -94,6 +138,112 @@ class SurgeryPlan:
             lines.append(f"protected: {list(self.protected)}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+# -- the plan file's schema ----------------------------------------------------------------------
+
+
+class _Schema(BaseModel):
+    # strict: JSON `true` and "2" are not block indices, and 2.0 is not a block count.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _RemovedEntry(_Schema):
+    index: int
+    reason: str
+    metrics: dict[str, float | None]
+
+
+class _PlanFile(_Schema):
+    format: str
+    recipe: str
+    op: str
+    num_blocks: int = Field(ge=1, le=MAX_BLOCKS)
+    removed: list[_RemovedEntry]
+    protected: list[int] = []
+    criterion: str = ""
+    notes: list[str] = []
+    calibration: dict[str, Any] | None = None
+    kept: list[int] | None = None  # derived; written for readers, checked on load
+    recipe_text: str | None = None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "(top level)"
+    if error["type"] == "extra_forbidden":
+        key, where = str(loc[-1]), loc[:-1]
+        allowed = list((_RemovedEntry if where else _PlanFile).model_fields)
+        parent = path.removesuffix(f".{key}").removesuffix(key) or "(top level)"
+        return f"{parent}: unknown key '{key}'{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{path}: required field is missing"
+    given = json.dumps(error["input"], default=str)
+    given = given if len(given) <= 40 else given[:37] + "..."
+    return f"{path}: {error['msg']} (got {given})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _consistency(raw: dict[str, Any]) -> list[str]:
+    """Problems between fields; each field of the wrong type is left to the schema's message."""
+    problems = []
+    op = raw.get("op")
+    if isinstance(op, str) and op not in OPS:
+        problems.append(f"op: unknown op '{op}'{did_you_mean(op, OPS)}; ops: {', '.join(OPS)}")
+    problems += _recipe_text_problems(raw)
+    n = raw.get("num_blocks")
+    if not _is_int(n) or not 1 <= n <= MAX_BLOCKS:
+        return problems  # no range to check against
+    entries = raw.get("removed") if isinstance(raw.get("removed"), list) else []
+    removed: dict[int, int] = {}  # index -> the first entry that removes it
+    typed = True  # every index an int: only then can `kept` be compared
+    for k, entry in enumerate(entries):
+        index = entry.get("index") if isinstance(entry, dict) else None
+        if not _is_int(index):
+            typed = False
+            continue
+        if not 0 <= index < n:
+            problems.append(f"removed[{k}].index: block {index} is out of range for {n} blocks (0..{n - 1})")
+        elif index in removed:
+            problems.append(f"removed[{k}].index: block {index} is already removed by removed[{removed[index]}]")
+        else:
+            removed[index] = k
+    if len(removed) >= n:
+        problems.append(f"removed: removes all {n} blocks; at least one must be kept")
+    protected = raw.get("protected") if isinstance(raw.get("protected"), list) else []
+    for k, index in enumerate(protected):
+        if _is_int(index) and not 0 <= index < n:
+            problems.append(f"protected[{k}]: block {index} is out of range for {n} blocks (0..{n - 1})")
+        elif _is_int(index) and index in removed:
+            problems.append(f"protected[{k}]: block {index} is protected but removed by removed[{removed[index]}]")
+    kept = raw.get("kept")
+    complement = [i for i in range(n) if i not in removed]
+    if typed and isinstance(kept, list) and all(_is_int(i) for i in kept) and kept != complement:
+        problems.append(f"kept: {_short(kept)} is not the blocks that removed leaves ({_short(complement)})")
+    return problems
+
+
+def _recipe_text_problems(raw: dict[str, Any]) -> list[str]:
+    text = raw.get("recipe_text")
+    if not isinstance(text, str):
+        return []
+    try:
+        recipe = parse_recipe(text, "recipe_text")
+    except RecipeError as error:
+        return [error.message.replace("\n", "\n    ")]  # "recipe_text: ..." with its own list indented
+    problems = []
+    if isinstance(raw.get("recipe"), str) and recipe.name != raw["recipe"]:
+        problems.append(f"recipe_text: is recipe '{recipe.name}', but the plan names recipe '{raw['recipe']}'")
+    if isinstance(raw.get("op"), str) and recipe.select.op != raw["op"]:
+        problems.append(f"recipe_text: selects by op '{recipe.select.op}', but the plan's op is '{raw['op']}'")
+    return problems
+
+
+def _short(indices: list[int]) -> str:
+    return str(indices) if len(indices) <= 12 else f"[{', '.join(map(str, indices[:12]))}, ... ({len(indices)} in all)]"
 
 
 def _fmt(value: float | None) -> str:

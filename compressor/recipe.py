@@ -9,6 +9,8 @@ misspelt ``protect`` must never silently un-protect a block.
 from __future__ import annotations
 
 import difflib
+import math
+import stat
 import types
 import typing
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import RecipeError
+from .errors import CompressorError, RecipeError
 
 Metric = Literal[
     "block_influence", "tail_probability", "adjacent_distance", "angular_distance", "ablation_loss", "ablation_kl", "visual_attention"
@@ -205,39 +207,103 @@ class RecipeFile:
         return (self.path.parent / relative).resolve()
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+# Recipes are small hand-written files; these bounds are far above any of them and far below
+# what a hostile or mistaken input (a checkpoint passed as a recipe, an alias bomb) needs.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_YAML_NODES = 10_000  # values, keys and containers, counted with every alias expanded
+MAX_YAML_ALIASES = 100
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+def read_input_text(path: Path, kind: str, *, max_bytes: int, error: type[CompressorError], fix: str) -> str:
+    """The text of a small UTF-8 input file, or ``error`` naming the file and what is wrong.
+
+    Shared by the loaders of recipes, plans and calibration reports. At most ``max_bytes + 1``
+    bytes are read, so a huge file passed by mistake (a checkpoint shard) costs nothing.
+    """
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise error(f"{kind} '{path}' is a directory, not a file.", fix=fix)
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+            raise error(f"{kind} '{path}' is not a regular file.", fix=fix)
+        with path.open("rb") as stream:
+            data = stream.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise error(f"{kind} '{path}' does not exist.", fix=fix) from None
+    except OSError as problem:
+        raise error(f"{kind} '{path}' cannot be read ({problem.strerror or problem}).", fix=fix) from None
+    if len(data) > max_bytes:
+        raise error(f"{kind} '{path}' is over {max_bytes:,} bytes; no {kind.lower()} is that large.", fix=fix)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as problem:
+        raise error(
+            f"{kind} '{path}' is not UTF-8 text (byte {problem.start} is {data[problem.start]:#04x}): a binary file?",
+            fix=fix,
+        ) from None
+    # Newlines as text mode reads them (what callers saw before files were read as bytes).
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one), and stops
+    composing at the first alias or node past the limits: parsing is lazy, so a large document
+    is refused after reading only its first ``MAX_YAML_NODES`` values."""
+
+    def __init__(self, stream: str, source: str):
+        super().__init__(stream)
+        self.source = source
+        self.aliases = 0
+        self.nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise RecipeError(
+                    f"{self.source}: more than {MAX_YAML_ALIASES} YAML aliases (*name); no recipe needs that many.",
+                    fix="write the values out instead of aliasing them.",
+                )
+        else:
+            self.nodes += 1
+            if self.nodes > MAX_YAML_NODES:
+                raise _too_large(self.source)
+        return super().compose_node(parent, index)
+
+
+def _too_large(source: str) -> RecipeError:
+    return RecipeError(
+        f"{source}: more than {MAX_YAML_NODES:,} YAML values once its aliases are expanded "
+        "(an alias bomb, or an alias inside the node it names?); no recipe is that large.",
+        fix="write the values out instead of aliasing them.",
+    )
+
+
+def _construct_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults`, merged by construct_mapping
         key = loader.construct_object(key_node)
+        if not isinstance(key, typing.Hashable):  # `? [a, b]: 1`; SafeLoader refuses it too, later
+            raise yaml.constructor.ConstructorError(None, None, f"a key cannot be a {type(key).__name__}", key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def load_recipe(path: Path | str) -> RecipeFile:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Recipe '{path}' does not exist.", fix="pass a YAML recipe file (see recipes/).")
-    text = path.read_text(encoding="utf-8")
+    text = read_input_text(path, "Recipe", max_bytes=MAX_RECIPE_BYTES, error=RecipeError, fix="pass a YAML recipe file (see recipes/).")
     return RecipeFile(recipe=parse_recipe(text, str(path)), path=path.resolve(), text=text)
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise RecipeError(f"{source}: not valid YAML{where}: {problem}.", fix="fix the YAML syntax.") from None
+    raw = _load_yaml(text, source)
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{source}: a recipe is a YAML mapping (version, name, select, ...), got {type(raw).__name__}.",
@@ -254,6 +320,58 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         ) from None
 
 
+def _load_yaml(text: str, source: str) -> Any:
+    """The one YAML document in ``text``, or a `RecipeError` saying why there is none."""
+    try:
+        return _construct_bounded(text, source)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(f"{source}: not valid YAML{where}: {problem}.", fix="fix the YAML syntax.") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RecipeError(f"{source}: YAML nested too deeply to be a recipe.", fix="start from one of the recipes in recipes/.") from None
+
+
+def _construct_bounded(text: str, source: str) -> Any:
+    """Compose the document, check its size with aliases expanded, and only then construct it.
+
+    Composing shares an aliased node instead of copying it, so a dozen lines of nested aliases
+    (a "billion laughs") compose instantly but would construct billions of values.
+    """
+    loader = _RecipeLoader(text, source)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_NODES:
+            raise _too_large(source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> float:
+    """How many nodes the document has once every alias is expanded; infinite when an alias
+    names a node that contains it. Memoised per node, so this costs the composed graph's size."""
+    sizes: dict[int, float] = {}
+
+    def size(node: yaml.Node) -> float:
+        key = id(node)
+        if key not in sizes:
+            sizes[key] = math.inf  # reached again before it is counted: an alias to an ancestor
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = []
+            sizes[key] = 1 + sum(size(child) for child in children)
+        return sizes[key]
+
+    return size(root)
+
+
 # -- error messages ---------------------------------------------------------------------------
 
 
@@ -263,22 +381,23 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden" and model is not None:
         key = str(error["loc"][-1])
         allowed = _field_names(model)
-        return f"{path}: unknown key '{key}'{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+        return f"{path}: unknown key '{key}'{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         tag = str(error.get("ctx", {}).get("tag", ""))
-        return f"{path}.op: unknown op '{tag}'{_did_you_mean(tag, OPS)}; ops: {', '.join(OPS)}"
+        return f"{path}.op: unknown op '{tag}'{did_you_mean(tag, OPS)}; ops: {', '.join(OPS)}"
     if kind == "union_tag_not_found":
         return f"{path}: missing 'op' (one of: {', '.join(OPS)})"
     if kind == "literal_error":
         expected = [v.strip(" '") for v in str(error.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
         given = str(error.get("input"))
-        return f"{path}: {message}{_did_you_mean(given, [e for e in expected if e])}"
+        return f"{path}: {message}{did_you_mean(given, [e for e in expected if e])}"
     if kind == "missing":
         return f"{path}: required field is missing"
     return f"{path}: {message.removeprefix('Value error, ')}"
 
 
-def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, or nothing; the planner uses it too."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

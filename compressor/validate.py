@@ -25,12 +25,13 @@ from . import accuracy as scoring
 from .calibrate import environment
 from .data import load_samples
 from .errors import InputError
+from .hub import ModelSource, resolve_model_ref
 from .latency import compare_latency, find_onnx, measure_latency
 from .loading import Placement, input_device, load_model
 from .planner import SurgeryPlan
 from .recipe import load_recipe
 from .report_render import write_html, write_markdown
-from .staging import refuse_existing, staged_dir
+from .staging import check_output, staged_dir, staged_file
 from .surgery import count_parameters
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def thresholds_from_recipe(pruned_dir: Path, recipe: Path | str | None) -> Gates
 
 
 def validate(
-    base_ref: str,
+    base_ref: str | ModelSource,
     pruned_ref: str,
     data: Path | str,
     out_dir: Path | str,
@@ -203,13 +204,20 @@ def validate(
     overwrite: bool = False,
     junit: Path | str | None = None,
     placement: Placement | None = None,
+    allow_outside_data: bool = False,
+    trust_remote_code: bool = False,
 ) -> ValidationResult:
     """Compare ``pruned_ref`` with ``base_ref`` and write report.json/.md/.html into ``out_dir``.
 
     With a ``placement`` device map, both models are spread the same way (models bigger than
     one GPU); latency is then that of the spread model, inputs entering at its first device."""
     out_dir = Path(out_dir)
-    refuse_existing(out_dir, overwrite)
+    base_source = base_ref if isinstance(base_ref, ModelSource) else resolve_model_ref(base_ref, trust_remote_code=trust_remote_code)
+    pruned_source = resolve_model_ref(str(pruned_ref), trust_remote_code=trust_remote_code)
+    sources = [base_source.path, pruned_source.path, data]
+    check_output(out_dir, overwrite=overwrite, sources=sources)
+    if junit:
+        check_output(junit, overwrite=overwrite, sources=sources)
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise InputError(f"Unknown task(s) {sorted(unknown)}.", fix=f"use some of: {', '.join(TASKS)}.")
@@ -217,9 +225,9 @@ def validate(
         raise InputError("An accuracy gate needs the vqa or multiple_choice task.", fix="add --task vqa (or multiple_choice).")
     if gates.min_speedup is not None and not latency:
         raise InputError("--min-speedup needs latency measurements.", fix="drop --no-latency.")
-    samples = load_samples(data, limit=num_samples)
-    base = load_model(base_ref, device=device, dtype=dtype, placement=placement)
-    pruned = load_model(pruned_ref, device=device, dtype=dtype, placement=placement)
+    samples = load_samples(data, limit=num_samples, allow_outside=allow_outside_data)
+    base = load_model(base_source, device=device, dtype=dtype, placement=placement)
+    pruned = load_model(pruned_source, device=device, dtype=dtype, placement=placement)
     if base.adapter.family != pruned.adapter.family:
         raise InputError(
             f"The base model is {base.adapter.family} but the pruned one is {pruned.adapter.family}.",
@@ -245,7 +253,7 @@ def validate(
             "base": _describe(base),
             "pruned": {**_describe(pruned), "removed": removed},
         },
-        "data": {"path": str(Path(data).resolve()), "num_samples": len(samples)},
+        "data": {"path": Path(data).name, "num_samples": len(samples)},  # published with the model: no local path
         "gates": gates.active,
         "accuracy": accuracy,
         "latency": latency_report,
@@ -257,18 +265,19 @@ def validate(
         },
     }
     report["verdict"] = evaluate_gates(report, gates)
-    with staged_dir(out_dir, overwrite=overwrite) as staging:
+    with staged_dir(out_dir, overwrite=overwrite, sources=sources) as staging:
         (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         write_markdown(report, staging / "report.md")
         write_html(report, staging / "report.html")
     if junit:
-        write_junit(report, junit)
+        with staged_file(junit, overwrite=overwrite, sources=sources) as staging_file:
+            write_junit(report, staging_file)
     return ValidationResult(report=report, out_dir=out_dir.resolve())
 
 
 def _describe(loaded: Any) -> dict[str, Any]:
     return {
-        "ref": loaded.source.hub_id or loaded.source.ref,
+        "ref": loaded.source.public_name,
         "family": loaded.adapter.family,
         "num_blocks": loaded.adapter.num_blocks(loaded.model.config),
         "params": count_parameters(loaded.model),

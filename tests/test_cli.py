@@ -11,6 +11,7 @@ from pathlib import Path
 
 from compressor.architectures import adapter_for_config
 from compressor.loading import load_config
+from compressor.staging import MARKER
 
 from .conftest import FAMILIES, run_cli
 
@@ -59,7 +60,7 @@ def test_run_writes_everything_under_one_folder(tiny_models, tmp_path, capsys):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "run", RECIPES / "gromov-span.yaml", "--model", tiny.path, "--data", tiny.data, "-o", out_dir)
     assert code == 0, err
-    assert {p.name for p in out_dir.iterdir()} == {"calibration.json", "plan.json", "recipe.yaml", "hf"}
+    assert {p.name for p in out_dir.iterdir() if p.name != MARKER} == {"calibration.json", "plan.json", "recipe.yaml", "hf"}
     config = json.loads((out_dir / "hf" / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and len(config["layer_types"]) == 4
     assert not leftovers(tmp_path)
@@ -88,7 +89,7 @@ def test_explicit_recipe_needs_no_data(tiny_models, tmp_path, capsys):
 def test_hub_id_is_recorded_as_base_model(tiny_models, tmp_path, capsys, monkeypatch):
     from compressor import hub
 
-    monkeypatch.setattr(hub, "_download", lambda hub_id, revision: tiny_models["llama"].path)
+    monkeypatch.setattr(hub, "_download", lambda hub_id, revision, code=False: tiny_models["llama"].path)
     out_dir = tmp_path / "from-hub"
     code, _, err = run_cli(capsys, "prune", "org/tiny-llama", "--recipe", RECIPES / "explicit.yaml", "-o", out_dir)
     assert code == 0, err
@@ -216,9 +217,16 @@ def test_existing_output_folder_is_kept(tmp_path, tiny_models, capsys):
     code, _, err = run_cli(capsys, "prune", tiny_models["llama"].path, "--recipe", RECIPES / "explicit.yaml", "-o", out)
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what compressor wrote: a user's folder stays as it is.
+    code, _, err = run_cli(capsys, "prune", tiny_models["llama"].path, "--recipe", RECIPES / "explicit.yaml", "-o", out, "--overwrite")
+    assert code == 2 and "was not written by compressor" in err, err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be written
     code, _, err = run_cli(capsys, "prune", tiny_models["llama"].path, "--recipe", RECIPES / "explicit.yaml", "-o", out, "--overwrite")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    code, _, err = run_cli(capsys, "prune", tiny_models["llama"].path, "--recipe", RECIPES / "explicit.yaml", "-o", out, "--overwrite")
+    assert code == 0, err  # and compressor's own output replaced
+    assert (out / "model.safetensors").exists()
     assert not leftovers(tmp_path)
 
 
@@ -258,7 +266,7 @@ def test_calibration_of_another_model(tmp_path, tiny_models, capsys):
     expect_usage_error(
         capsys,
         ["prune", tiny_models["llama"].path, "--recipe", RECIPES / "shortgpt.yaml", "--calibration", report, "-o", out],
-        "measured 8 blocks but the model has 6",
+        "block_influence.all: 6 values, expected 8 (one per block)",
         tmp_path,
         out,
     )
@@ -311,7 +319,7 @@ def test_recipe_carries_model_and_data(tmp_path, tiny_models, capsys):
     code, out, err = run_cli(capsys, "run", recipe, "-o", out_dir)
     assert code == 0, err
     report = json.loads((out_dir / "calibration.json").read_text())
-    assert report["data"]["num_samples"] == 4 and report["data"]["path"] == str((tmp_path / "calib.jsonl").resolve())
+    assert report["data"]["num_samples"] == 4 and report["data"]["path"] == "calib.jsonl"  # published: a name, not a path
     assert 0.3 in report["options"]["epsilons"]  # measured because the recipe selects on it
     expect_usage_error(capsys, ["run", RECIPES / "explicit.yaml", "-o", tmp_path / "x"], "No model given", tmp_path)
 

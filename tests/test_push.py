@@ -14,6 +14,7 @@ import yaml
 
 from compressor import cli
 from compressor.manifest import MANIFEST, check_folder
+from compressor.staging import MARKER
 
 from .conftest import run_cli
 
@@ -61,7 +62,7 @@ def test_export_writes_a_manifest_of_what_was_verified(exported):
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
     }
     assert "README.md" not in manifest["files"] and MANIFEST not in manifest["files"]
-    assert manifest["command"].startswith("compressor -q prune ") and "explicit.yaml" in manifest["command"]
+    assert manifest["command"].startswith("compressor -q prune ") and "--recipe recipe.yaml" in manifest["command"]
     assert check_folder(folder).verified
 
 
@@ -145,7 +146,7 @@ def test_hub_base_model_licence_and_relation(tiny_models, tmp_path, capsys, monk
 
     base = Path(shutil.copytree(tiny_models["llama"].path, tmp_path / "snapshot"))
     (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# the base model\n")
-    monkeypatch.setattr(hub, "_download", lambda hub_id, revision: base)
+    monkeypatch.setattr(hub, "_download", lambda hub_id, revision, code=False: base)
     out = tmp_path / "from-hub"
     assert run_cli(capsys, "prune", "org/tiny-llama", "--recipe", RECIPES / "explicit.yaml", "-o", out)[0] == 0
     assert json.loads((out / MANIFEST).read_text())["source"]["license"] == "apache-2.0"
@@ -247,8 +248,8 @@ def test_push_uploads_the_folder_in_one_commit(exported, hub, capsys):
     assert commit.revision == "main" and not commit.create_pr
     assert commit.message == "Upload depth-pruned model: 2 of 6 blocks removed (compressor)"
     assert "Validation: PASS" in commit.description
-    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "README.md"}
-    local.update({f"validation/{p.name}": p.read_bytes() for p in report_dir.iterdir()})
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", MARKER)}
+    local.update({f"validation/{p.name}": p.read_bytes() for p in report_dir.iterdir() if p.name != MARKER})
     files = hub.files("org/tiny-pruned")
     card = files.pop("README.md").decode()
     assert files.pop(".gitattributes") and files == local  # byte for byte, weights and report included
