@@ -91,7 +91,7 @@ def answer_accuracy(model: Any, processor: Any, samples: list[Sample], *, batch_
         result.records.append(
             AccuracyRecord(
                 prompt=sample.prompt,
-                image=str(sample.image) if sample.image else None,
+                image=sample.image.name if sample.image else None,  # the report is published: no local path
                 answer=sample.answer or "",
                 prediction=prediction,
                 exact=got == expected,

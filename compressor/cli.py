@@ -684,7 +684,12 @@ def _report_push(result: Any) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("exports/demo"), show_default=True)
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe to apply [the recommended shipped one].")
 @click.option("--retrain", is_flag=True, help="Ignore the cached demo model and train again.")
-@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@click.option(
+    "--overwrite/--no-overwrite",
+    default=True,
+    show_default=True,
+    help="Replace the demo's own earlier output (never a folder it did not write).",
+)
 @_verbosity
 def demo_command(output: Path, recipe: Path | None, retrain: bool, overwrite: bool) -> None:
     """Train (once, cached) a small LLaVA on generated shapes, prune it, compare accuracy."""

@@ -105,9 +105,12 @@ def export_hf(
         processor.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None and not (staging / "generation_config.json").exists():
             model.generation_config.save_pretrained(staging)
+        trusted = source is not None and source.trust_remote_code
         if source is not None:
             copy_tokenizer_files(source.path, staging)
-        strip_remote_code(staging, trusted=source is not None and source.trust_remote_code)
+            for code in source.path.glob("*.py") if trusted else ():  # what auto_map points at
+                shutil.copyfile(code, staging / code.name)
+        strip_remote_code(staging, trusted=trusted)
         write_provenance(
             staging,
             name=out.name,

@@ -43,7 +43,16 @@ _JUNIT_MARK = b'<testsuite name="compressor.'
 
 # Errors of the file system under the output, not of compressor: reported as user errors.
 _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
-_ACCESS_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}
+_ACCESS_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.EEXIST: "a file is in the way of a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "a folder is in the way of a file",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.ELOOP: "too many symbolic links",
+}
 
 _held: dict[Path, int] = {}  # targets this process holds the lock of -> nesting depth
 
@@ -181,7 +190,7 @@ def staged_dir(
             (staging / MARKER).write_text("written by compressor; `--overwrite` may replace this folder\n")
             yield staging
             _checked(target, overwrite, sources, only_owned)  # nothing else appeared there meanwhile
-            staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private
+            _follow_umask(staging)
             _replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -221,6 +230,16 @@ def _checked(target: Path | str, overwrite: bool, sources: list[Path | str | Non
     return resolved
 
 
+def _follow_umask(folder: Path) -> None:
+    """Give the staged folder and everything in it the modes the umask asks for: mkdtemp makes
+    folders private, and some writers (safetensors) create their files 0600."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
@@ -244,7 +263,7 @@ def _disk_errors(target: Path) -> Iterator[None]:
         if error.errno in _ACCESS_ERRNOS:
             raise InputError(
                 f"Writing '{target}' failed: {_ACCESS_ERRNOS[error.errno]} ('{where}'). Nothing was written.",
-                fix="choose an -o path in a folder you can write to.",
+                fix="choose an -o path you can write to (a folder that exists or can be created, on a writable disk).",
             ) from None
         raise
 

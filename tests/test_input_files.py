@@ -128,18 +128,26 @@ def test_binary_recipe_is_a_recipe_error(tmp_path, content):
     assert str(path) in str(error.value)
 
 
-def test_directory_missing_or_unreadable_recipe(tmp_path):
+def test_directory_missing_or_unreadable_recipe(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="is a directory") as error:
         load_recipe(tmp_path)
     assert str(tmp_path) in str(error.value)
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
-    if os.geteuid() != 0:  # root reads any file
-        locked = tmp_path / "locked.yaml"
-        locked.write_text(EXPLICIT)
-        locked.chmod(0)
-        with pytest.raises(RecipeError, match="cannot be read"):
-            load_recipe(locked)
+    locked = tmp_path / "locked.yaml"
+    locked.write_text(EXPLICIT)
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: refuse the open as the kernel would for others
+        real_open = Path.open
+
+        def refusing_open(self, *args, **kwargs):
+            if self == locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refusing_open)
+    with pytest.raises(RecipeError, match="cannot be read"):
+        load_recipe(locked)
 
 
 def test_valid_recipe_text_is_kept(tmp_path):

@@ -248,7 +248,9 @@ def test_push_uploads_the_folder_in_one_commit(exported, hub, capsys):
     assert commit.revision == "main" and not commit.create_pr
     assert commit.message == "Upload depth-pruned model: 2 of 6 blocks removed (compressor)"
     assert "Validation: PASS" in commit.description
-    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", MARKER)}
+    local = {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", MARKER)
+    }
     local.update({f"validation/{p.name}": p.read_bytes() for p in report_dir.iterdir() if p.name != MARKER})
     files = hub.files("org/tiny-pruned")
     card = files.pop("README.md").decode()

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import InputError
 from ..pipeline import run
 from ..recipe import load_recipe
+from ..staging import check_output
 from .train import ensure_demo_model
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ def run_demo(
     if not recipe_path.is_file():
         raise InputError(f"Recipe '{recipe_path}' does not exist.", fix="pass --recipe with a file from recipes/.")
     recipe_file = load_recipe(recipe_path)
+    # Before minutes of training: the demo replaces only its own earlier output (staging policy).
+    check_output(output, overwrite=overwrite, sources=[recipe_path])
     assets = assets or ensure_demo_model(force=retrain, progress=progress)
     result = run(
         recipe_file,
