@@ -21,7 +21,7 @@ from .card import RELOAD_VERIFIED, facts_from_folder, render_card
 from .checkpoint import VERIFIED_OUT_OF_CORE, CheckpointResult, rewrite_checkpoint
 from .data import Sample, file_sha256, load_samples
 from .distributed import Group
-from .errors import InputError, PlanError
+from .errors import InputError, PlanError, SurgeryError
 from .export import ExportResult, export_hf, source_facts
 from .hub import ModelSource, resolve_model_ref
 from .loading import LoadedModel, Placement, load_config, load_model
@@ -70,6 +70,7 @@ def write_checkpoint(
     with staged_dir(out, overwrite=overwrite, sources=[source.path]) as staging:
         hf = staging / "hf"
         result = write(hf, False)
+        _check_written_blocks(hf, adapter, plan, source)
         graphs = export_onnx(hf, hf / "onnx", tolerance=onnx) if onnx is not None else None
         for entry in list(hf.iterdir()):
             entry.rename(staging / entry.name)
@@ -88,6 +89,17 @@ def write_checkpoint(
         (staging / "README.md").write_text(render_card(facts_from_folder(staging, name=Path(out).name)))
     final = Path(out).resolve()
     return replace(result, path=final), replace(graphs, path=final / "onnx") if graphs is not None else None
+
+
+def _check_written_blocks(folder: Path, adapter: Adapter, plan: SurgeryPlan, source: ModelSource) -> None:
+    """The manifest and card state the plan's block counts: hold them to what was written."""
+    config = load_config(folder, trust_remote_code=source.trust_remote_code)
+    written = adapter.num_blocks(config)
+    if written != len(plan.kept):
+        raise SurgeryError(
+            f"The written config declares {written} blocks, but the plan keeps {len(plan.kept)} of {plan.num_blocks}.",
+            fix="this is a bug in compressor's surgery; nothing was written.",
+        )
 
 
 def _reload_check(result: ExportResult | CheckpointResult) -> dict[str, Any]:
@@ -297,6 +309,12 @@ def prune(
         raise InputError("Give either --data or --calibration, not both.", fix="drop one of them.")
     data_path = data_file(recipe_file, data) if calibration is None else None
     options = calibration_options(recipe_file.recipe if recipe_file else None, **calibration_overrides)
+    if not dry_run:  # before a Hub download; again below with the model's folder
+        check_output(
+            out,
+            overwrite=overwrite,
+            sources=[Path(model_ref), data_path, calibration, plan_file, recipe_file.path if recipe_file else None],
+        )
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
     sources = [source.path, data_path, calibration, plan_file, recipe_file.path if recipe_file else None]
     with claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext():
@@ -515,6 +533,7 @@ def run(
     thresholds = recipe_file.recipe.thresholds
     if eval_data is None and thresholds is not None and thresholds.data:
         eval_data = recipe_file.resolve(thresholds.data)
+    check_output(out, overwrite=overwrite, sources=[Path(model_ref), data_path, eval_data, recipe_file.path])  # before a Hub download
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
     with claimed(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]):
         inputs = read_inputs(data=data_path, calibration=None, plan_file=None, options=options, allow_outside_data=allow_outside_data)

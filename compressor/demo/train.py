@@ -219,27 +219,36 @@ def train(
         state = _TrainingState.start(model, settings, checkpoint)
         model.train()
         start = time.perf_counter() - state.seconds
-        with tqdm(total=settings.steps, initial=state.step, desc="training demo model", disable=not progress) as bar:
-            while state.step < settings.steps:
-                rows = torch.randint(0, len(data.answer_mask), (settings.batch_size,), generator=state.order)
-                loss = answer_loss(model, _rows(data, rows))
-                state.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # Clipping keeps the occasional spike (a batch of rare answers) from undoing
-                # the attention patterns learnt so far at this high learning rate.
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                state.optimizer.step()
-                state.schedule.step()
-                state.losses.append(loss.item())
-                state.step += 1
-                state.seconds = time.perf_counter() - start
-                # The last step too: Ctrl-C while the model is being saved then loses nothing.
-                if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == settings.steps):
-                    state.save(checkpoint, model, settings)
-                bar.update()
-                bar.set_postfix(loss=f"{state.losses[-1]:.3f}")
-                if on_step is not None:
-                    on_step(state.step)
+        try:
+            with tqdm(total=settings.steps, initial=state.step, desc="training demo model", disable=not progress) as bar:
+                while state.step < settings.steps:
+                    rows = torch.randint(0, len(data.answer_mask), (settings.batch_size,), generator=state.order)
+                    loss = answer_loss(model, _rows(data, rows))
+                    state.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    # Clipping keeps the occasional spike (a batch of rare answers) from undoing
+                    # the attention patterns learnt so far at this high learning rate.
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    state.optimizer.step()
+                    state.schedule.step()
+                    state.losses.append(loss.item())
+                    state.step += 1
+                    state.seconds = time.perf_counter() - start
+                    # The last step too: Ctrl-C while the model is being saved then loses nothing.
+                    if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == settings.steps):
+                        state.save(checkpoint, model, settings)
+                    bar.update()
+                    bar.set_postfix(loss=f"{state.losses[-1]:.3f}")
+                    if on_step is not None:
+                        on_step(state.step)
+        except KeyboardInterrupt:
+            if checkpoint is not None and checkpoint.is_file():
+                logger.warning(
+                    "demo training interrupted at step %d of %d; its last checkpoint is kept: run the demo again to resume",
+                    state.step,
+                    settings.steps,
+                )
+            raise
         model.eval()
     losses = state.losses
     tail = losses[-max(1, len(losses) // 10) :]
