@@ -8,6 +8,7 @@ error. Tracebacks only with `-v`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -42,10 +43,14 @@ def _configure_logging() -> None:
         root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
-    import transformers
-
-    # transformers' own warnings are noise for users unless they asked for detail.
-    transformers.logging.set_verbosity_info() if _state["verbose"] else transformers.logging.set_verbosity_error()
+    # transformers' own warnings are noise for users unless they asked for detail. Through its
+    # environment variable when it is not imported yet: importing it (seconds, hundreds of MB)
+    # only to set its verbosity would slow every command, `recipe check` included.
+    verbosity = "info" if _state["verbose"] else "error"
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity(getattr(sys.modules["transformers"].logging, verbosity.upper()))
+    else:
+        os.environ["TRANSFORMERS_VERBOSITY"] = verbosity
 
 
 def _verbosity(command: Any) -> Any:
