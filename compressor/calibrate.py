@@ -31,8 +31,9 @@ from .architectures import Adapter
 from .data import Sample, build_batch, plan_batches
 from .distributed import Group
 from .errors import InputError, UnsupportedArchitectureError
+from .inputs import not_unicode, read_input_text
 from .loading import input_device
-from .recipe import FUNCTIONAL_METRICS, read_input_text
+from .recipe import FUNCTIONAL_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ class CalibrationReport:
             raise InputError(f"Calibration report '{path}' is not JSON ({error}).", fix=fix) from None
         if not isinstance(raw, dict):
             raise InputError(f"Calibration report '{path}' is a JSON {_json_type(raw)}, not an object.", fix=fix)
+        if not_unicode(raw):
+            raise InputError(f"Calibration report '{path}' holds a string that is not valid Unicode (a lone surrogate).", fix=fix)
         if raw.get("format") != REPORT_FORMAT:
             raise InputError(
                 f"'{path}' is not a compressor calibration report (format is {raw.get('format')!r}, expected {REPORT_FORMAT!r}).",

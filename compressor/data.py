@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .inputs import not_unicode
 
 # The largest image accepted, in pixels. VLM processors resize their input to a few
 # megapixels at most, so this admits any photo a camera or phone writes (48 MP sensors
@@ -136,8 +137,12 @@ def _parse_line(line: str, base: Path, *, allow_outside: bool) -> Sample:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to be a sample") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
+    if not_unicode(record):
+        raise ValueError("holds a string that is not valid Unicode (a lone surrogate escape such as \\ud800)")
     unknown = set(record) - {"prompt", "answer", "image", "choices"}
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: prompt, answer, image, choices")

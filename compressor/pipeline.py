@@ -391,7 +391,7 @@ def _prune_out_of_core(
     adapter = adapter_for_config(config)
     report, fixed_plan = inputs.report, inputs.plan
     if fixed_plan is None:
-        assert recipe_file is not None  # guaranteed by _surgery_plan
+        assert recipe_file is not None  # guaranteed by _one_of
         if recipe_file.recipe.needs_calibration and report is None:
             raise PlanError(
                 f"Recipe '{recipe_file.recipe.name}' selects by metric ({recipe_file.recipe.select.op}); "

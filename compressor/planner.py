@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .calibrate import MODALITIES, CalibrationReport
 from .errors import InputError, PlanError, RecipeError
+from .inputs import not_unicode, read_input_text
 from .recipe import (
     FUNCTIONAL_METRICS,
     OPS,
@@ -28,7 +29,6 @@ from .recipe import (
     Span,
     did_you_mean,
     parse_recipe,
-    read_input_text,
 )
 
 PLAN_FORMAT = "compressor.plan/1"
@@ -87,6 +87,8 @@ class SurgeryPlan:
             raise InputError(f"Plan '{path}' is not JSON ({error}).", fix=_FIX) from None
         if not isinstance(raw, dict):
             raise InputError(f"Plan '{path}' is a JSON {type(raw).__name__}, not an object.", fix=_FIX)
+        if not_unicode(raw):
+            raise InputError(f"Plan '{path}' holds a string that is not valid Unicode (a lone surrogate escape such as \\ud800).", fix=_FIX)
         if raw.get("format") != PLAN_FORMAT:
             raise InputError(f"'{path}' is not a compressor plan (format is {raw.get('format')!r}, expected {PLAN_FORMAT!r}).", fix=_FIX)
         try:

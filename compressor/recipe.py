@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import stat
 import types
 import typing
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import CompressorError, RecipeError
+from .errors import RecipeError
+from .inputs import not_unicode, read_input_text
 
 Metric = Literal[
     "block_influence", "tail_probability", "adjacent_distance", "angular_distance", "ablation_loss", "ablation_kl", "visual_attention"
@@ -32,7 +32,8 @@ Modality = Literal["all", "text", "image"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: a recipe says 2, not "2" or true; YAML already gives numbers and booleans their types.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class Protect(_Strict):
@@ -214,37 +215,6 @@ MAX_YAML_NODES = 10_000  # values, keys and containers, counted with every alias
 MAX_YAML_ALIASES = 100
 
 
-def read_input_text(path: Path, kind: str, *, max_bytes: int, error: type[CompressorError], fix: str) -> str:
-    """The text of a small UTF-8 input file, or ``error`` naming the file and what is wrong.
-
-    Shared by the loaders of recipes, plans and calibration reports. At most ``max_bytes + 1``
-    bytes are read, so a huge file passed by mistake (a checkpoint shard) costs nothing.
-    """
-    try:
-        mode = path.stat().st_mode
-        if stat.S_ISDIR(mode):
-            raise error(f"{kind} '{path}' is a directory, not a file.", fix=fix)
-        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
-            raise error(f"{kind} '{path}' is not a regular file.", fix=fix)
-        with path.open("rb") as stream:
-            data = stream.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise error(f"{kind} '{path}' does not exist.", fix=fix) from None
-    except OSError as problem:
-        raise error(f"{kind} '{path}' cannot be read ({problem.strerror or problem}).", fix=fix) from None
-    if len(data) > max_bytes:
-        raise error(f"{kind} '{path}' is over {max_bytes:,} bytes; no {kind.lower()} is that large.", fix=fix)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as problem:
-        raise error(
-            f"{kind} '{path}' is not UTF-8 text (byte {problem.start} is {data[problem.start]:#04x}): a binary file?",
-            fix=fix,
-        ) from None
-    # Newlines as text mode reads them (what callers saw before files were read as bytes).
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 class _RecipeLoader(yaml.SafeLoader):
     """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one), and stops
     composing at the first alias or node past the limits: parsing is lazy, so a large document
@@ -304,6 +274,10 @@ def load_recipe(path: Path | str) -> RecipeFile:
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     raw = _load_yaml(text, source)
+    if not_unicode(raw):
+        raise RecipeError(
+            f"{source}: holds a string that is not valid Unicode (a lone surrogate escape such as \\ud800).", fix="remove it."
+        )
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{source}: a recipe is a YAML mapping (version, name, select, ...), got {type(raw).__name__}.",

@@ -129,10 +129,15 @@ def output_lock(target: Path | str) -> Iterator[None]:
         finally:
             _held[resolved] -= 1
         return
+    created = [p for p in resolved.parents if not p.exists()]  # the folders -o asks for, deepest first
     with _disk_errors(resolved):
         resolved.parent.mkdir(parents=True, exist_ok=True)
     lock = resolved.parent / f".{resolved.name}.lock"
-    handle = _acquire(lock, resolved)
+    try:
+        handle = _acquire(lock, resolved)
+    except BaseException:
+        _remove_empty(created)
+        raise
     _held[resolved] = 1
     try:
         yield
@@ -141,6 +146,14 @@ def output_lock(target: Path | str) -> Iterator[None]:
         with suppress(OSError):
             lock.unlink()
         os.close(handle)
+        if not resolved.exists():  # a refused or failed command leaves no empty folders behind
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        with suppress(OSError):
+            folder.rmdir()
 
 
 def _acquire(lock: Path, target: Path) -> int:

@@ -495,3 +495,11 @@ def test_lock_file_names_its_holder(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert "is being written by another compressor process (pid" in done.stdout, done
+
+
+@pytest.mark.parametrize("blocks", ["[true]", "['2']", "[2.0]"])
+def test_recipes_are_as_strict_as_plans(tmp_path, capsys, blocks):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nname: loose\nselect: {{op: explicit, blocks: {blocks}}}\n")
+    err = usage_error(capsys, "recipe", "check", recipe)
+    assert "select.blocks[0]" in err or "select.explicit.blocks[0]" in err, err

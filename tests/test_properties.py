@@ -667,7 +667,20 @@ def prune_with(
     return code, stdout, stderr, folder, before, tree(folder)
 
 
+SMALL_PLAN = {
+    "format": PLAN_FORMAT,
+    "recipe": "t",
+    "op": "explicit",
+    "num_blocks": NUM_BLOCKS,
+    "removed": [{"index": 1, "reason": "r", "metrics": {}}],
+}
+
+
 @examples(40)
+# Every kind of existing output at least once, whatever the generator draws.
+@example(case=(SMALL_PLAN, "ok"), style=0, family="llama", out_of_core=False, dry_run=False, existing="previous-output")
+@example(case=(SMALL_PLAN, "ok"), style=0, family="qwen2", out_of_core=True, dry_run=False, existing="user-folder")
+@example(case=(SMALL_PLAN, "ok"), style=0, family="llama", out_of_core=False, dry_run=False, existing="plan-file")
 @given(
     case=mutated_plans(),
     style=st.integers(0, 2),
@@ -697,6 +710,8 @@ def test_prune_plan_does_exactly_the_plan_or_refuses_writing_nothing(
         assert code == 0, err
     if expectation == "refused" or blocked:
         assert code == 2, out
+    if code != 0:
+        assert "wrote" not in out, out  # no claim of a checkpoint that is not there
     if code == 0 and dry_run:
         assert "dry run: nothing written" in out
     elif code == 0:
@@ -705,13 +720,7 @@ def test_prune_plan_does_exactly_the_plan_or_refuses_writing_nothing(
         assert not (folder / "out" / "old.txt").exists()
 
 
-SURROGATE_PLAN = {
-    "format": PLAN_FORMAT,
-    "recipe": "t",
-    "op": "explicit",
-    "num_blocks": NUM_BLOCKS,
-    "removed": [{"index": 1, "reason": "\ud800", "metrics": {}}],
-}
+SURROGATE_PLAN = {**SMALL_PLAN, "removed": [{"index": 1, "reason": "\ud800", "metrics": {}}]}
 
 
 @examples(12)
