@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def calibrate_command(
     from .loading import load_model
     from .pipeline import calibration_options, run_calibration
     from .recipe import load_recipe
-    from .staging import check_output, staged_file
+    from .staging import check_output, output_lock, staged_file
 
     placement = _placement(kwargs)
     group = distributed.current()
@@ -220,16 +221,17 @@ def calibrate_command(
     options = calibration_options(load_recipe(recipe).recipe if recipe else None, **_overrides(kwargs))
     samples = load_samples(data, limit=options.num_samples, allow_outside=allow_outside_data)  # before minutes of loading
     gpus = group.gpus(torch.cuda.device_count()) if placement.device_map else None
-    loaded = load_model(source, device=group.device(device), dtype=dtype, placement=placement, gpus=gpus, auto_dtype="compute")
-    report, _ = run_calibration(loaded, data, options, samples=samples, progress=_progress() and group.is_main, group=group)
-    if group.is_main:
-        with staged_file(output, overwrite=overwrite, sources=sources) as staging:
-            report.save(staging)
-        processes = f" by {group.world_size} processes" if group.distributed else ""
-        click.echo(
-            f"calibrated {report.num_blocks} blocks on {report.data['num_samples']} samples{processes} "
-            f"in {report.elapsed_s:.2f}s -> {output}"
-        )
+    with output_lock(output) if group.is_main else nullcontext():  # rank 0 writes; a second writer fails now
+        loaded = load_model(source, device=group.device(device), dtype=dtype, placement=placement, gpus=gpus, auto_dtype="compute")
+        report, _ = run_calibration(loaded, data, options, samples=samples, progress=_progress() and group.is_main, group=group)
+        if group.is_main:
+            with staged_file(output, overwrite=overwrite, sources=sources) as staging:
+                report.save(staging)
+            processes = f" by {group.world_size} processes" if group.distributed else ""
+            click.echo(
+                f"calibrated {report.num_blocks} blocks on {report.data['num_samples']} samples{processes} "
+                f"in {report.elapsed_s:.2f}s -> {output}"
+            )
     group.barrier()  # nobody leaves before the report is written
     distributed.finish(group)
 

@@ -31,7 +31,7 @@ from .loading import Placement, input_device, load_model
 from .planner import SurgeryPlan
 from .recipe import load_recipe
 from .report_render import write_html, write_markdown
-from .staging import check_output, staged_dir, staged_file
+from .staging import check_output, output_lock, staged_dir, staged_file
 from .surgery import count_parameters
 
 log = logging.getLogger(__name__)
@@ -225,54 +225,55 @@ def validate(
         raise InputError("An accuracy gate needs the vqa or multiple_choice task.", fix="add --task vqa (or multiple_choice).")
     if gates.min_speedup is not None and not latency:
         raise InputError("--min-speedup needs latency measurements.", fix="drop --no-latency.")
-    samples = load_samples(data, limit=num_samples, allow_outside=allow_outside_data)
-    base = load_model(base_source, device=device, dtype=dtype, placement=placement)
-    pruned = load_model(pruned_source, device=device, dtype=dtype, placement=placement)
-    if base.adapter.family != pruned.adapter.family:
-        raise InputError(
-            f"The base model is {base.adapter.family} but the pruned one is {pruned.adapter.family}.",
-            fix="compare a pruned model with the model it was cut from.",
+    with output_lock(out_dir):  # held while both models are evaluated: a second writer fails now, not at the end
+        samples = load_samples(data, limit=num_samples, allow_outside=allow_outside_data)
+        base = load_model(base_source, device=device, dtype=dtype, placement=placement)
+        pruned = load_model(pruned_source, device=device, dtype=dtype, placement=placement)
+        if base.adapter.family != pruned.adapter.family:
+            raise InputError(
+                f"The base model is {base.adapter.family} but the pruned one is {pruned.adapter.family}.",
+                fix="compare a pruned model with the model it was cut from.",
+            )
+        removed = _removed_blocks(
+            pruned.source.path, base.adapter.num_blocks(base.model.config), pruned.adapter.num_blocks(pruned.model.config)
         )
-    removed = _removed_blocks(
-        pruned.source.path, base.adapter.num_blocks(base.model.config), pruned.adapter.num_blocks(pruned.model.config)
-    )
-    accuracy = _accuracy(base, pruned, samples, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    latency_report = None
-    if latency:
-        options = {"samples": [s for s in samples if s.image is not None][:4] or None, **(latency_options or {})}
-        measured = {
-            name: measure_latency(loaded.model, loaded.processor, loaded.adapter, onnx=find_onnx(loaded.source.path), **options)
-            for name, loaded in (("base", base), ("pruned", pruned))
+        accuracy = _accuracy(base, pruned, samples, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        latency_report = None
+        if latency:
+            options = {"samples": [s for s in samples if s.image is not None][:4] or None, **(latency_options or {})}
+            measured = {
+                name: measure_latency(loaded.model, loaded.processor, loaded.adapter, onnx=find_onnx(loaded.source.path), **options)
+                for name, loaded in (("base", base), ("pruned", pruned))
+            }
+            latency_report = {**measured, "comparison": compare_latency(measured["base"], measured["pruned"], removed)}
+        calibration_file = pruned.source.path / "calibration.json"
+        report: dict[str, Any] = {
+            "format": REPORT_FORMAT,
+            "verdict": None,
+            "models": {
+                "base": _describe(base),
+                "pruned": {**_describe(pruned), "removed": removed},
+            },
+            "data": {"path": Path(data).name, "num_samples": len(samples)},  # published with the model: no local path
+            "gates": gates.active,
+            "accuracy": accuracy,
+            "latency": latency_report,
+            "calibration": json.loads(calibration_file.read_text()) if calibration_file.is_file() else None,
+            "environment": {
+                **environment(),
+                "device": str(input_device(base.model)),
+                "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
+            },
         }
-        latency_report = {**measured, "comparison": compare_latency(measured["base"], measured["pruned"], removed)}
-    calibration_file = pruned.source.path / "calibration.json"
-    report: dict[str, Any] = {
-        "format": REPORT_FORMAT,
-        "verdict": None,
-        "models": {
-            "base": _describe(base),
-            "pruned": {**_describe(pruned), "removed": removed},
-        },
-        "data": {"path": Path(data).name, "num_samples": len(samples)},  # published with the model: no local path
-        "gates": gates.active,
-        "accuracy": accuracy,
-        "latency": latency_report,
-        "calibration": json.loads(calibration_file.read_text()) if calibration_file.is_file() else None,
-        "environment": {
-            **environment(),
-            "device": str(input_device(base.model)),
-            "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
-        },
-    }
-    report["verdict"] = evaluate_gates(report, gates)
-    with staged_dir(out_dir, overwrite=overwrite, sources=sources) as staging:
-        (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        write_markdown(report, staging / "report.md")
-        write_html(report, staging / "report.html")
-    if junit:
-        with staged_file(junit, overwrite=overwrite, sources=sources) as staging_file:
-            write_junit(report, staging_file)
-    return ValidationResult(report=report, out_dir=out_dir.resolve())
+        report["verdict"] = evaluate_gates(report, gates)
+        with staged_dir(out_dir, overwrite=overwrite, sources=sources) as staging:
+            (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+            write_markdown(report, staging / "report.md")
+            write_html(report, staging / "report.html")
+        if junit:
+            with staged_file(junit, overwrite=overwrite, sources=sources) as staging_file:
+                write_junit(report, staging_file)
+        return ValidationResult(report=report, out_dir=out_dir.resolve())
 
 
 def _describe(loaded: Any) -> dict[str, Any]:
