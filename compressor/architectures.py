@@ -11,12 +11,16 @@ on the model family; adding a family is adding one `Adapter` to `ADAPTERS` plus 
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:  # torch only where models are touched: `plan`, `arch list` never import it
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class Adapter:
     # -- modules ----------------------------------------------------------------------------
     def block_path(self, model: nn.Module) -> str:
         """The first candidate path that resolves to a ModuleList on this model."""
+        from torch import nn
+
         for path in self.block_paths:
             try:
                 found = _walk(model, path)
@@ -92,6 +98,15 @@ class Adapter:
             f"No decoder block list found on {type(model).__name__} (looked for {', '.join(self.block_paths)}).",
             fix=f"this transformers version lays out '{self.family}' differently; report it with `pip show transformers` output.",
         )
+
+    @property
+    def onnx_support(self) -> tuple[bool, str]:
+        """(whether the family exports to ONNX, the layout or the reason it does not)."""
+        if not self.onnx:
+            return False, self.onnx_refusal
+        if self.onnx == "optimum":
+            return True, "model.onnx (optimum, with past)"
+        return True, "split (vision, embed, decoder)"
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return _walk(model, self.block_path(model))
@@ -251,6 +266,25 @@ def adapter_for_config(config: Any) -> Adapter:
         + ".",
         fix="use a model of a supported family (see `compressor arch list`).",
     )
+
+
+def blocks_of_folder(folder: Path) -> tuple[Adapter, int] | None:
+    """(adapter, block count) read straight from ``folder/config.json``, without transformers
+    (`compressor plan --model` stays fast, and no code of the folder can run); None when the
+    file leaves the count to the config class's default, which only transformers knows."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(raw, dict) or "auto_map" in raw:  # code in the folder: the trust policy decides (loading.py)
+        return None
+    config = json.loads(json.dumps(raw), object_hook=lambda d: SimpleNamespace(**{str(k): v for k, v in d.items()}))
+    adapter = adapter_for_config(config)
+    try:
+        count = adapter.num_blocks(config)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return adapter, count
 
 
 def adapter_for_model(model: nn.Module) -> Adapter:

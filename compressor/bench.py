@@ -5,6 +5,11 @@
    it on more shapes, with batching and memory).
 2. Pruning payoff: forward (prefill) latency and greedy decode throughput of a model with a
    quarter of its blocks removed vs the original, same inputs.
+3. Functional scans (CPU, float32, 8 samples): a plain calibration pass, the skip-one
+   ablation scan and a 3-step greedy (SLEB) order vs a plain forward pass over the same
+   batches, on the demo's LLaVA shape (8 blocks) and on a 30-block Llama: cost in forward
+   passes from wall time, from CPU time and from the scans' own block-call counts; and each
+   one's peak memory (peak RSS above the loaded model, each in a fresh process).
 
 Models are random Llama decoders built from config (nothing is downloaded). Timing follows
 the usual protocol: warm-up, repeats, median; synchronised on CUDA, labelled CPU otherwise.
@@ -14,17 +19,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .architectures import adapter_for_model
-from .bench_scale import interleaved
-from .calibrate import CalibrationOptions, calibrate
-from .data import Sample, build_batch
+from .bench_scale import _reset_peak_rss, _rss_kb, interleaved
+from .calibrate import CalibrationOptions, calibrate, calibration_context
+from .data import Sample, build_batch, load_samples, plan_batches
 from .demo.processor import build_tokenizer
 from .planner import RemovedBlock, SurgeryPlan
 from .surgery import apply_plan
@@ -69,14 +80,122 @@ def samples(n: int, words: int) -> list[Sample]:
     return [Sample(prompt=" ".join(WORDS[i] for i in row[:-4]), answer=" ".join(WORDS[i] for i in row[-4:])) for row in picks]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--words", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+# -- 3. functional scans --------------------------------------------------------------------
+FUNCTIONAL_SHAPES = {
+    "demo": "LLaVA demo shape (8 blocks, hidden 256, CLIP tower), 8 shape questions",
+    "llama30": "random Llama (30 blocks, hidden 256), 8 samples x ~40 tokens",
+}
+PASSES = ("forward", "calibration", "ablation", "greedy 3")
+
+
+def functional_setup(shape: str, workdir: Path) -> dict[str, Callable[[], dict | None]]:
+    """The model of ``shape`` (random weights, float32, CPU) and its passes over 8 samples in
+    batches of 8: a plain forward pass, a plain calibration, the ablation scan, a 3-step
+    greedy order. The scans return their report metrics (with their block-call counts)."""
+    from .functional import measure
+
+    if shape == "demo":
+        from .demo.model import build_demo_model
+        from .demo.shapes import generate_dataset, vocabulary
+
+        model, processor = build_demo_model(vocabulary(), seed=0)
+        data = load_samples(generate_dataset(workdir, seed=0, n_train=0, n_calibration=8, n_eval=0).calibration)
+    else:
+        processor = build_tokenizer(WORDS)
+        model, data = build_model(256, 30, len(processor), torch.device("cpu")), samples(8, 32)
+    model.eval()
+    adapter = adapter_for_model(model)
+    cpu = torch.device("cpu")
+    chunks = plan_batches(processor, data, batch_size=8, token_budget=None, max_length=None)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for chunk in chunks:
+                model(**build_batch(processor, chunk, with_answer=True, mark_answer=False).inputs, use_cache=False)
+
+    def calibration() -> None:
+        calibrate(model, processor, adapter, data, options=CalibrationOptions(num_samples=None, batch_size=8, max_length=None))
+
+    def scan(ablation: bool, greedy: int) -> dict:
+        with calibration_context(model):
+            return measure(
+                model, processor, adapter, chunks, device=cpu, max_length=None, ablation=ablation, greedy=greedy, attention=False
+            )[0]
+
+    return dict(zip(PASSES, (forward, calibration, lambda: scan(True, 0), lambda: scan(False, 3))))
+
+
+def child_functional_memory(shape: str, name: str, workdir: Path) -> dict:
+    """In a fresh process: peak RSS of one pass above the RSS just before it (model built,
+    libraries loaded, one forward pass run so that kernels and thread pools exist)."""
+    torch.set_num_threads(1)  # as the timed runs
+    passes = functional_setup(shape, workdir)
+    passes["forward"]()
+    reset = _reset_peak_rss()
+    before = _rss_kb("VmRSS")
+    passes[name]()
+    return {"peak_extra_kb": _rss_kb("VmHWM") - before, "peak_reset": reset}
+
+
+def functional_memory(shape: str, name: str, workdir: Path) -> dict:
+    # glibc raises its mmap threshold as big blocks are freed, after which freed tensors stay
+    # in its heap and the peak RSS depends on allocation history; fixed at 64 KiB, every
+    # tensor of that size or more is its own mapping, returned when freed.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, "-m", "compressor.bench", "--child-functional", shape, name, str(workdir)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def functional_section(shape: str, workdir: Path) -> list[tuple[str, ...]]:
+    """Rows of the table for ``shape``: each pass's time against the plain forward pass
+    (median of the forward passes run between the others, against drift), and its memory."""
+    passes = functional_setup(shape, workdir)
+    passes["forward"]()  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in PASSES}
+    cpu: dict[str, list[float]] = {name: [] for name in PASSES}
+    calls: dict[str, float] = {"forward": 1.0, "calibration": 1.0}  # every block once per batch
+    for name in ("forward", "calibration", "forward", "calibration", "forward", "ablation", "forward", "greedy 3", "forward"):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        metrics = passes[name]()
+        wall[name].append(time.perf_counter() - started)
+        cpu[name].append(time.process_time() - started_cpu)
+        if metrics:
+            calls[name] = metrics["ablation" if name == "ablation" else "greedy"]["cost"]["forward_equivalents"]
+    unit, unit_cpu = statistics.median(wall["forward"]), statistics.median(cpu["forward"])
+    memory = {name: functional_memory(shape, name, workdir)["peak_extra_kb"] / 1024 for name in PASSES[1:]}
+    rows = []
+    for name in PASSES:
+        t, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        peak = f"{memory[name]:.1f} MB" if name in memory else ""
+        ratio = f"{memory[name] / memory['calibration']:.2f}x" if name in memory else ""
+        rows.append((name, f"{t:.3f} s", f"{t / unit:.2f}", f"{c / unit_cpu:.2f}", f"{calls[name]:.2f}", peak, ratio))
+    return rows
+
+
+def print_functional() -> None:
+    print(
+        "\n3. functional scans on the CPU (1 thread), float32; cost in plain forward passes "
+        "over the same batches (by wall time, by CPU time, by decoder-block calls); peak RSS above the loaded model, "
+        "each pass in a fresh process"
+    )
+    header = ("pass", "wall", "x fwd (wall)", "x fwd (CPU)", "x fwd (calls)", "peak RSS", "x calibration")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: a busy shared machine then slows the runs, it does not stall them
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            for shape, label in FUNCTIONAL_SHAPES.items():
+                print(f"\n{label}:")
+                rows = [header, *functional_section(shape, Path(workdir))]
+                widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+                for row in rows:
+                    print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def payoff(args: argparse.Namespace) -> None:
+    """Sections 1 and 2."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     label = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     tokenizer = build_tokenizer(WORDS)
@@ -145,6 +264,25 @@ def main(argv: list[str] | None = None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--words", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only-functional", action="store_true", help="run section 3 alone")
+    parser.add_argument("--child-functional", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_functional:
+        shape, name, workdir = args.child_functional
+        print(json.dumps(child_functional_memory(shape, name, Path(workdir))))
+        return
+    if not args.only_functional:
+        payoff(args)
+    print_functional()
 
 
 if __name__ == "__main__":

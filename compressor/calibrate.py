@@ -420,14 +420,12 @@ def calibrate(
     the report of the whole data set."""
     from tqdm.auto import tqdm
 
+    from .functional import greedy_steps, measure
+
     if options.num_samples is not None:
         samples = samples[: options.num_samples]
     blocks = adapter.blocks(model)
-    if options.greedy >= len(blocks):  # refused before any pass, not after the geometric one
-        raise InputError(
-            f"A greedy order of {options.greedy} blocks was asked for, but the model has {len(blocks)} blocks.",
-            fix=f"use --greedy {len(blocks) - 1} or less.",
-        )
+    greedy_steps(len(blocks), options.greedy, options.greedy_fraction, options.greedy_keep)  # refused before any pass
     group = group or Group()
     local = group.shard(samples)  # this process's share; all of it in a single process
     chunks = plan_batches(processor, local, batch_size=options.batch_size, token_budget=options.token_budget, max_length=options.max_length)
@@ -453,8 +451,6 @@ def calibrate(
     geometric = time.perf_counter() - started
     functional, timings = {}, {}
     if options.functional:
-        from .functional import measure
-
         with calibration_context(model):
             functional, timings = measure(
                 model,

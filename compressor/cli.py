@@ -273,11 +273,10 @@ def plan_command(
     recipe: Path, calibration: Path | None, model: str | None, output: Path | None, overwrite: bool, trust_remote_code: bool
 ) -> None:
     """Print which blocks RECIPE removes, why, and what remains."""
-    from .architectures import adapter_for_config
+    from .architectures import adapter_for_config, blocks_of_folder
     from .calibrate import CalibrationReport
     from .errors import InputError
     from .hub import resolve_model_ref
-    from .loading import load_config
     from .planner import plan
     from .recipe import load_recipe
     from .staging import check_output, staged_file
@@ -291,8 +290,13 @@ def plan_command(
     if report is not None:
         num_blocks = report.num_blocks
     elif source is not None:
-        config = load_config(source.path, trust_remote_code=source.trust_remote_code)
-        num_blocks = adapter_for_config(config).num_blocks(config)
+        found = blocks_of_folder(source.path)  # config.json as JSON: no transformers import
+        if found is None:
+            from .loading import load_config
+
+            config = load_config(source.path, trust_remote_code=source.trust_remote_code)
+            found = adapter_for_config(config), adapter_for_config(config).num_blocks(config)
+        num_blocks = found[1]
     else:
         raise InputError(
             "`compressor plan` needs --calibration (or --model for an explicit recipe).",
@@ -416,6 +420,11 @@ def _single_process(command: str) -> None:
 @click.option("--overwrite", is_flag=True)
 @click.option("--push", "push_to", metavar="ORG/NAME", help="After a passing validation, push OUTPUT to this Hub repository.")
 @click.option("--push-private", is_flag=True, help="With --push: create the repository private.")
+@click.option(
+    "--allow-no-gates",
+    is_flag=True,
+    help="With evaluation data: exit 0 when the recipe sets no gate (the verdict still says NO-GATES). Off: exit 1.",
+)
 @_calibration_options
 @_placement_options
 @_device_options
@@ -435,16 +444,20 @@ def run_command(
     overwrite: bool,
     push_to: str | None,
     push_private: bool,
+    allow_no_gates: bool,
     device: str,
     dtype: str,
     trust_remote_code: bool,
     allow_outside_data: bool,
     **kwargs: Any,
 ) -> None:
-    """Run the whole chain RECIPE describes: calibrate → plan → prune → export (→ validate → push)."""
+    """Run the whole chain RECIPE describes: calibrate → plan → prune → export (→ validate → push).
+
+    With evaluation data the recipe's validate: gates decide the exit code, as for `validate`."""
     from .pipeline import run
     from .push import check_repo_id, prepare, push, resolve_token
     from .recipe import load_recipe
+    from .validate import Gates
 
     placement = _placement(kwargs)
     _single_process("run")
@@ -456,6 +469,11 @@ def run_command(
             raise InputError(
                 "--push publishes only after a passing validation, and this run has no evaluation data.",
                 fix="pass --eval FILE.jsonl (or set validate.data in the recipe).",
+            )
+        if not Gates.from_thresholds(recipe_file.recipe.thresholds).active:
+            raise InputError(
+                "--push publishes only after a passing validation, and the recipe's validate: section sets no gate.",
+                fix="add a gate to the recipe (e.g. validate: {max_accuracy_drop: 0.05}).",
             )
     result = run(
         recipe_file,
@@ -478,10 +496,11 @@ def run_command(
     if result.validation is not None:
         log.info("validation report: %s/report.{json,md,html}", result.validation.out_dir)
         click.echo(result.validation.verdict_line())
+        code = result.validation.exit_code(allow_no_gates=allow_no_gates)
         if not result.validation.passed:
             if push_to:
                 click.echo(f"not pushed to {push_to}: the validation gate failed")
-            ctx.exit(1)
+            ctx.exit(code)
     if push_to:
         _report_push(push(prepare(output, push_to), private=push_private))
 
@@ -557,11 +576,31 @@ def export_onnx_command(
     type=click.Choice(["vqa", "multiple_choice", "perplexity", "fidelity"]),
     help="Tasks to run (repeatable) [every task the data supports].",
 )
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), help="Gate: absolute accuracy drop, 0.05 = 5 points.")
+@click.option(
+    "--max-accuracy-drop", type=click.FloatRange(0, 1), help="Gate: absolute accuracy drop, 0.05 = 5 points (needs labelled samples)."
+)
 @click.option("--max-relative-drop", type=click.FloatRange(0, 1), help="Gate: drop as a fraction of the original accuracy.")
+@click.option(
+    "--max-perplexity-increase",
+    type=click.FloatRange(min=0),
+    help="Gate: pruned perplexity at most this much above the base's, 0.1 = 10 % (needs prompt-only text samples).",
+)
+@click.option("--max-kl", type=click.FloatRange(min=0), help="Gate: mean KL(base || pruned) over every scored position.")
+@click.option("--min-top1-agreement", type=click.FloatRange(0, 1), help="Gate: share of scored positions where both models agree on top-1.")
 @click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: median speedup over the latency workloads.")
 @click.option(
     "--recipe", type=click.Path(path_type=Path), help="Take gates from this recipe's validate: [the pruned folder's recipe.yaml]."
+)
+@click.option(
+    "--allow-no-gates", is_flag=True, help="Exit 0 when no gate is set (the verdict still says NO-GATES, never PASS). Off: exit 1."
+)
+@click.option(
+    "--format",
+    "text_format",
+    type=click.Choice(["auto", "chat", "raw"]),
+    default="auto",
+    show_default=True,
+    help="Sample layout: raw text (no chat template) or the chat template; auto: raw for prompt-only text, chat otherwise.",
 )
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -589,8 +628,13 @@ def validate_command(
     tasks: tuple[str, ...],
     max_accuracy_drop: float | None,
     max_relative_drop: float | None,
+    max_perplexity_increase: float | None,
+    max_kl: float | None,
+    min_top1_agreement: float | None,
     min_speedup: float | None,
     recipe: Path | None,
+    allow_no_gates: bool,
+    text_format: str,
     num_samples: int | None,
     batch_size: int,
     max_new_tokens: int,
@@ -607,12 +651,20 @@ def validate_command(
     allow_outside_data: bool,
     **kwargs: Any,
 ) -> None:
-    """Compare a pruned model with its original: accuracy, fidelity, latency; exit 1 when a gate fails."""
+    """Compare a pruned model with its original: accuracy, perplexity, fidelity, latency.
+
+    Exit 1 when a gate fails or when no gate was set (unless --allow-no-gates); 2 when a gate
+    cannot be evaluated on the data (checked before the models load)."""
     from .validate import TASKS, thresholds_from_recipe, validate
 
     pruned_dir = Path(pruned)
     gates = thresholds_from_recipe(pruned_dir, recipe).override(
-        max_accuracy_drop=max_accuracy_drop, max_relative_drop=max_relative_drop, min_speedup=min_speedup
+        max_accuracy_drop=max_accuracy_drop,
+        max_relative_drop=max_relative_drop,
+        max_perplexity_increase=max_perplexity_increase,
+        max_kl=max_kl,
+        min_top1_agreement=min_top1_agreement,
+        min_speedup=min_speedup,
     )
     latency_options = {"new_tokens": new_tokens, "repeats": repeats}
     if prompt_lengths:
@@ -636,10 +688,11 @@ def validate_command(
         placement=_placement(kwargs),
         allow_outside_data=allow_outside_data,
         trust_remote_code=trust_remote_code,
+        text_format=text_format,
     )
     log.info("%s\nreport: %s/report.{json,md,html}", result.report["verdict"]["summary"], result.out_dir)
     click.echo(result.verdict_line())
-    ctx.exit(0 if result.passed else 1)
+    ctx.exit(result.exit_code(allow_no_gates=allow_no_gates))
 
 
 @cli.command("push")
@@ -717,7 +770,6 @@ def arch_group() -> None:
 def arch_list() -> None:
     """Show the supported families and what each supports."""
     from .architectures import ADAPTERS
-    from .onnx_export import exportable
 
     header = ("family", "architectures", "blocks at", "block count", "modality split", "out-of-core", "onnx", "per-layer config")
     rows = [
@@ -729,7 +781,7 @@ def arch_list() -> None:
             "image/text/all" if a.modality_split else "text/all",
             # Every family's on-disk block names are known (tensor_prefix), tested per family.
             f"yes ({a.tensor_prefix.format(index='N')})",
-            ("yes: " if exportable(a)[0] else "no: ") + exportable(a)[1],
+            ("yes: " if a.onnx_support[0] else "no: ") + a.onnx_support[1],
             ", ".join((*a.per_layer_lists, *a.index_fields, *a.layer_period_fields)) or "-",
         )
         for a in ADAPTERS

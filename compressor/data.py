@@ -3,7 +3,8 @@
 One sample per line: ``{"image": "path relative to the file", "prompt": "...", "answer": "..."}``
 (``image`` optional, ``answer`` optional). Inputs are always built with the model's own
 processor or tokenizer, through its chat template when it has one: families differ in how
-image tokens are expanded (FACTS.md), and only the processor knows.
+image tokens are expanded (FACTS.md), and only the processor knows. Evaluation may ask for
+the raw text instead (`TextFormat`): plain text is scored as written, without a template.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -38,6 +39,11 @@ MAX_IMAGE_PIXELS = 64_000_000
 DATA_FIX = (
     "each line must be a JSON object with a string 'prompt', and optional string 'answer' and 'image' (a path relative to the data file)."
 )
+
+
+# How a sample's text reaches the model: through its chat template ("chat", what calibration
+# and answered samples use) or as the raw text with the tokenizer's own special tokens ("raw").
+TextFormat = Literal["chat", "raw"]
 
 
 @dataclass(frozen=True)
@@ -280,8 +286,9 @@ def _declares_suffix(processor_class: type) -> bool:
         return False
 
 
-def format_prompt(processor: Any, sample: Sample, *, with_answer: bool) -> str:
-    """The text of one sample, through the chat template when the model has one.
+def format_prompt(processor: Any, sample: Sample, *, with_answer: bool, text_format: TextFormat = "chat") -> str:
+    """The text of one sample: through the chat template when the model has one and
+    ``text_format`` is ``"chat"``; the plain layout (no template) with ``"raw"``.
 
     For a processor that `takes_suffix`, this is the prompt alone: the answer goes separately.
     """
@@ -290,7 +297,7 @@ def format_prompt(processor: Any, sample: Sample, *, with_answer: bool) -> str:
     if takes_suffix(processor):
         # The processor expands the image token and puts BOS after it: <image>…<bos>prompt\n
         return f"{processor.image_token}{sample.prompt}" if multimodal and sample.image else sample.prompt
-    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    template = _chat_template(processor) if text_format == "chat" else None
     answer = sample.answer if with_answer else None
     if template:
         if multimodal:
@@ -303,13 +310,17 @@ def format_prompt(processor: Any, sample: Sample, *, with_answer: bool) -> str:
             reply: Any = [{"type": "text", "text": answer}] if multimodal else answer
             messages.append({"role": "assistant", "content": reply})
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
-    # No template: the plain layout most base models were trained on.
+    # No template (or raw asked for): the plain layout most base models were trained on.
     text = sample.prompt
     if multimodal and sample.image:
         text = f"{processor.image_token}\n{text}"
     if answer is not None:
         text = f"{text}\n{answer}{tokenizer.eos_token or ''}"
     return text
+
+
+def _chat_template(processor: Any) -> str | None:
+    return getattr(processor, "chat_template", None) or getattr(tokenizer_of(processor), "chat_template", None)
 
 
 def build_batch(
@@ -320,19 +331,21 @@ def build_batch(
     max_length: int | None = None,
     padding_side: str = "right",
     mark_answer: bool = True,
+    text_format: TextFormat = "chat",
 ) -> Batch:
     """Tokenise ``samples`` (and their images) into one padded batch.
 
     With ``with_answer`` the answer is part of the sequence and ``answer_mask`` marks it: the
     prompt alone is tokenised too, and its length is where the answer starts. Without
     ``mark_answer`` that second pass (images included) is skipped and the mask stays empty.
+    ``text_format`` is `format_prompt`'s: the chat template, or the raw text.
     """
     tokenizer = tokenizer_of(processor)
     tokenizer.padding_side = padding_side
-    full = _encode(processor, samples, with_answer=with_answer)
+    full = _encode(processor, samples, with_answer=with_answer, text_format=text_format)
     answer_mask = torch.zeros_like(full["input_ids"], dtype=torch.bool)
     if with_answer and mark_answer and any(s.answer is not None for s in samples):
-        prompt_only = _encode(processor, samples, with_answer=False)
+        prompt_only = _encode(processor, samples, with_answer=False, text_format=text_format)
         prompt_lengths = prompt_only["attention_mask"].sum(dim=1)
         valid = full["attention_mask"].bool()
         # Rank of each real token within its row: 0 for the first non-pad token.
@@ -343,15 +356,16 @@ def build_batch(
     return Batch(dict(full), answer_mask)
 
 
-def _encode(processor: Any, samples: list[Sample], *, with_answer: bool) -> dict[str, torch.Tensor]:
-    texts = [format_prompt(processor, s, with_answer=with_answer) for s in samples]
+def _encode(processor: Any, samples: list[Sample], *, with_answer: bool, text_format: TextFormat = "chat") -> dict[str, torch.Tensor]:
+    texts = [format_prompt(processor, s, with_answer=with_answer, text_format=text_format) for s in samples]
     tokenizer = tokenizer_of(processor)
-    has_template = bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
-    # A chat template already writes the special tokens (BOS...) it wants.
-    kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "add_special_tokens": not has_template}
+    templated = text_format == "chat" and bool(_chat_template(processor))
+    # A chat template already writes the special tokens (BOS...) it wants; raw text gets the tokenizer's own.
+    kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "add_special_tokens": not templated}
     if with_answer and takes_suffix(processor) and any(s.answer is not None for s in samples):
         kwargs["suffix"] = [s.answer or "" for s in samples]  # no answer: an empty suffix (just EOS)
-    if is_multimodal(processor):
+    raw_text = text_format == "raw" and all(s.image is None for s in samples)
+    if is_multimodal(processor) and not raw_text:  # raw text needs no processor: the tokenizer alone, as for an LLM
         # One list of images per sample: a flat list is read as one sample's images by some
         # processors (Gemma3), as one image per sample by others.
         images = [[_load_image(s.image)] if s.image is not None else [] for s in samples]

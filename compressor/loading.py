@@ -154,13 +154,33 @@ def check_safetensors(path: Path) -> list[Path]:
 def load_processor(path: Path, adapter: Adapter, *, trust_remote_code: bool = False) -> Any:
     try:
         if adapter.multimodal:
-            return _assemble_processor(path, trust_remote_code)
-        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            return with_pad_token(_assemble_processor(path, trust_remote_code), path)
+        return with_pad_token(transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), path)
     except (OSError, ValueError, TypeError, ImportError) as error:
         raise InputError(
             f"No usable {'processor' if adapter.multimodal else 'tokenizer'} in '{path}' ({error}).",
             fix="save the processor/tokenizer next to the weights (processor.save_pretrained(folder)).",
         ) from None
+
+
+def with_pad_token(processor: Any, path: Path) -> Any:
+    """``processor`` with a pad token: many Llama/Mistral tokenizers ship without one, and every
+    batch compressor builds is padded. Padded positions are masked out everywhere (attention
+    mask, loss and metric masks), so which token fills them does not change any figure; EOS,
+    else UNK, is the usual choice. Only the loaded object changes: exports copy the source's
+    tokenizer files byte for byte."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if getattr(tokenizer, "pad_token", None) is not None:
+        return processor
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        raise InputError(
+            f"The tokenizer in '{path}' has no pad, EOS or UNK token, so batches cannot be padded.",
+            fix="set pad_token in its tokenizer_config.json (any token id: padded positions are masked).",
+        )
+    tokenizer.pad_token = fallback
+    log.info("the tokenizer has no pad token: padding with %r (masked, so no figure depends on it)", fallback)
+    return processor
 
 
 def _assemble_processor(path: Path, trust_remote_code: bool) -> Any:
@@ -311,5 +331,6 @@ def load_model(
         model.to(torch_device)
     model.eval()
     processor = load_processor(source.path, adapter, trust_remote_code=source.trust_remote_code)
-    log.info("loaded %s (%s, %d blocks) from %s", architecture, adapter.family, adapter.num_blocks(model.config), source.path)
+    # The name, not the path: an export's own check loads from a staging folder renamed later.
+    log.info("loaded %s (%s, %d blocks) from %s", architecture, adapter.family, adapter.num_blocks(model.config), source.public_name)
     return LoadedModel(model=model, processor=processor, adapter=adapter, source=source)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,13 +113,36 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, *, checks: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
-    """Write ``folder/compressor.json`` listing the verification ``checks`` that passed."""
-    files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
-        for p in folder_files(folder)
-        if p.relative_to(folder).as_posix() not in UNCHECKED
-    }
+@dataclass(frozen=True)
+class FileHash:
+    """A file's size and SHA-256, as its manifest entry records them."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> FileHash:
+        return cls(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def write_manifest(
+    folder: Path, *, checks: list[dict[str, Any]], facts: dict[str, Any], hashed: Mapping[str, FileHash] | None = None
+) -> dict[str, Any]:
+    """Write ``folder/compressor.json`` listing the verification ``checks`` that passed.
+
+    ``hashed`` holds hashes its writer computed while writing (relative posix paths): those
+    files are not read again (for a checkpoint, most of its bytes). Every other file is hashed
+    here, and so is a given one whose size has changed since (stale: something rewrote it).
+    """
+    hashed = hashed or {}
+    files = {}
+    for path in folder_files(folder):
+        name = path.relative_to(folder).as_posix()
+        if name in UNCHECKED:
+            continue
+        size = path.stat().st_size
+        known = hashed.get(name)
+        files[name] = {"size": size, "sha256": known.sha256 if known is not None and known.size == size else sha256(path)}
     manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -63,17 +63,8 @@ class OnnxExportResult:
         return max((c.max_abs_diff for c in self.checks), default=0.0)
 
 
-def exportable(adapter: Adapter) -> tuple[bool, str]:
-    """(whether the family exports, the layout or the reason it does not)."""
-    if not adapter.onnx:
-        return False, adapter.onnx_refusal
-    if adapter.onnx == "optimum":
-        return True, "model.onnx (optimum, with past)"
-    return True, "split (vision, embed, decoder)"
-
-
 def check_exportable(adapter: Adapter) -> None:
-    ok, why = exportable(adapter)
+    ok, why = adapter.onnx_support
     if not ok:
         families = ", ".join(a.family for a in ADAPTERS if a.onnx)
         raise UnsupportedArchitectureError(
@@ -128,7 +119,8 @@ def export_onnx(
         meta.update(export_seconds=round(exported - started, 3), verify_seconds=round(verified - exported, 3), versions=environment())
         (staging / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     log.info(
-        "wrote %s (%s layout, verified on %s, max |Δ| = %.3g)", out, loaded.adapter.onnx, provider, max(c.max_abs_diff for c in checks)
+        # No path: inside `prune --onnx`, `out` is a staging folder renamed before anyone reads this.
+        "exported ONNX (%s layout, verified on %s, max |Δ| = %.3g)", loaded.adapter.onnx, provider, max(c.max_abs_diff for c in checks)
     )
     return OnnxExportResult(
         path=out.resolve(),

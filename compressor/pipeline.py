@@ -84,7 +84,9 @@ def write_checkpoint(
             "blocks": {"before": plan.num_blocks, "after": len(plan.kept), "removed": plan.removed_indices},
             "params": {"before": result.params_before, "after": result.params_after},
         }
-        write_manifest(staging, checks=checks, facts=facts)
+        # The out-of-core writer hashed its weight files as it wrote them: they are not read again.
+        hashed = result.file_hashes if isinstance(result, CheckpointResult) else None
+        write_manifest(staging, checks=checks, facts=facts, hashed=hashed)
         # The card again, now from the folder: it can state every check, the ONNX one included.
         (staging / "README.md").write_text(render_card(facts_from_folder(staging, name=Path(out).name)))
     final = Path(out).resolve()
@@ -537,8 +539,12 @@ def run(
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
     with claimed(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]):
         inputs = read_inputs(data=data_path, calibration=None, plan_file=None, options=options, allow_outside_data=allow_outside_data)
-        if eval_data is not None:  # checked now, not after calibrating and pruning
-            load_samples(eval_data, limit=(validate_options or {}).get("num_samples"), allow_outside=allow_outside_data)
+        if eval_data is not None:  # checked now, not after calibrating and pruning: the data, and that it can evaluate every gate
+            from .validate import TASKS, Gates, check_gates
+
+            given = validate_options or {}
+            samples = load_samples(eval_data, limit=given.get("num_samples"), allow_outside=allow_outside_data)
+            check_gates(Gates.from_thresholds(thresholds), samples, tasks=given.get("tasks", TASKS), latency=given.get("latency", True))
         loaded = _load(source, device, dtype, placement)
         with staged_dir(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]) as staging:
             report = _obtain_report(loaded, recipe_file, inputs, options=options, progress=progress)

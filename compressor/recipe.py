@@ -156,11 +156,15 @@ class CalibrationDefaults(_Strict):
 
 
 class ValidateThresholds(_Strict):
-    """Release gates used by `compressor validate` (the CLI's values win)."""
+    """Release gates used by `compressor validate` (the CLI's values win); each needs data
+    that can evaluate it (`validate.check_gates` says which)."""
 
     data: str | None = Field(None, description="evaluation JSONL for `compressor run`, relative to the recipe")
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
-    max_relative_drop: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="absolute, 0.05 = five points")
+    max_relative_drop: float | None = Field(None, ge=0, le=1, description="fraction of the original accuracy")
+    max_perplexity_increase: float | None = Field(None, ge=0, description="relative, 0.1 = at most 10 % above the base's")
+    max_kl: float | None = Field(None, ge=0, description="mean KL(base || pruned) over every scored position")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="share of positions where both models agree")
     min_speedup: float | None = Field(None, gt=0)
 
 

@@ -111,12 +111,17 @@ def _get(mapping: Any, *keys: str) -> Any:
 
 
 # -- sections -------------------------------------------------------------------------------
+WEAK = "weak evidence"
+
+
 def _verdict(report: dict[str, Any]) -> Section | None:
     verdict = report.get("verdict")
     if not verdict:
         return None
-    passed = verdict.get("passed")
-    word = "✅ PASS" if passed else "❌ FAIL"
+    status = verdict.get("status") or ("PASS" if verdict.get("passed") else "FAIL")
+    word = {"PASS": "✅ PASS", "FAIL": "❌ FAIL"}.get(status, "⚠️ NO GATES: nothing was checked")
+    if verdict.get("weak_evidence"):
+        word += f" (⚠️ {WEAK})"
     section = Section(f"Verdict: {word}", paragraphs=[f"**{verdict.get('summary') or word}**"])
     rows = []
     for gate in verdict.get("gates") or []:
@@ -127,12 +132,14 @@ def _verdict(report: dict[str, Any]) -> Section | None:
                 _num(gate.get("value")),
                 _margin(gate),
                 "✅ pass" if gate.get("passed") else "❌ fail",
-                str(gate.get("detail") or ""),
+                str(gate.get("detail") or "") + (f" ⚠️ {WEAK}" if gate.get("weak_evidence") else ""),
             ]
         )
     if rows:
         section.tables.append(("", Table(["gate", "threshold", "value", "margin", "result", "detail"], rows, "lrrrll")))
         section.notes.append("margin: distance from the threshold; + is headroom, - is by how much the gate was missed.")
+    if verdict.get("weak_evidence"):
+        section.notes.append(f"{WEAK}: too few samples or scored positions behind the figure to trust it (see Evidence under Accuracy).")
     return section
 
 
@@ -198,13 +205,38 @@ def _accuracy(report: dict[str, Any]) -> Section | None:
         section.notes.append(f"Not run: {', '.join(skipped)}.")
     fidelity = accuracy.get("fidelity")
     if fidelity:
-        labels = {"n_positions": "positions compared", "kl_mean": "mean KL(base ‖ pruned)", "top1_agreement": "top-1 agreement"}
+        labels = {
+            "n_samples": "samples",
+            "n_positions": "positions compared",
+            "answer_positions": "… answer tokens",
+            "prompt_positions": "… tokens of prompt-only samples",
+            "kl_mean": "mean KL(base ‖ pruned)",
+            "top1_agreement": "top-1 agreement",
+        }
         fid_rows = []
         for key, value in fidelity.items():
             shown = _pct(value) if key.endswith("agreement") and isinstance(value, float) else _num(value)
             fid_rows.append([labels.get(key, key), shown])
         section.tables.append(
             ("Fidelity of the pruned model's next-token distribution to the base model's", Table(["", "value"], fid_rows, "lr"))
+        )
+    evidence = report.get("evidence") or {}
+    if evidence:
+        rows = [
+            [
+                name,
+                _num(figure.get("samples")),
+                _num(figure.get("positions")),
+                f"⚠️ {WEAK}: {figure.get('why')}" if figure.get("weak") else "ok",
+            ]
+            for name, figure in evidence.items()
+        ]
+        section.tables.append(
+            ("Evidence: what each figure rests on", Table(["figure", "samples", "scored positions", "strength"], rows, "lrrl"))
+        )
+        section.notes.append(
+            "Perplexity is measured on the raw text of prompt-only samples (no chat template); fidelity at every scored position: "
+            "each answer token, every token of a prompt-only sample."
         )
     return section if section.tables or section.notes else None
 

@@ -1,14 +1,20 @@
 """Validation: original vs pruned on the same samples, a report, and a gate CI can trust.
 
-Owns the choice of tasks for a data file, the gates (absolute and relative accuracy drop,
-minimum speedup) and their verdict, the report's JSON schema (``compressor.validation/1``)
-and the JUnit rendering of the gates. Scoring lives in `accuracy`, timing in `latency`,
-markdown/HTML in `report_render`.
+Owns the choice of tasks for a data file, the gates and their verdict, how much evidence
+backs each figure, the report's JSON schema (``compressor.validation/1``) and the JUnit
+rendering of the gates. Scoring lives in `accuracy` (its docstring says which tokens are
+scored), timing in `latency`, markdown/HTML in `report_render`.
 
 Tasks follow from what the samples carry: ``choices`` → multiple choice by log-likelihood;
-an ``answer`` → generative VQA (greedy, normalised exact match and contains-match); no image
-→ perplexity; every sample → fidelity (KL and top-1 agreement with the original). Both
-models see the same samples with the same decoding.
+an ``answer`` → generative VQA (greedy, normalised exact match and contains-match); prompt
+only, no image → perplexity of the raw text; every sample → fidelity (KL and top-1
+agreement with the original at every scored position). Both models see the same samples
+with the same decoding.
+
+Gates read the figures the data can give: accuracy gates need labelled samples, the
+perplexity gate prompt-only text, fidelity gates any sample, the speedup gate latency. A
+requested gate the data cannot evaluate is an input error before any model loads, and a
+run that evaluated no gate never passes: its verdict is NO-GATES.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from . import accuracy as scoring
+from .accuracy import FORMATS, Format, is_text
 from .calibrate import environment
 from .data import load_samples
 from .errors import InputError
@@ -39,19 +46,42 @@ log = logging.getLogger(__name__)
 REPORT_FORMAT = "compressor.validation/1"
 TASKS = ("vqa", "multiple_choice", "perplexity", "fidelity")
 
+# Evidence below these is flagged weak in the report and the verdict (it still gates).
+# Samples are the independent units (tokens of one sample are correlated), so every figure
+# needs enough of them: below 30, one sample moves an accuracy by more than 3 points and its
+# binomial standard error reaches 9 points (0.5 / sqrt(30)), more than the 2-5 point drops
+# gates usually allow.
+MIN_SAMPLES = 30
+# A token-level mean (perplexity, mean KL, top-1 agreement) over fewer than 100 positions is
+# decided by a handful of tokens: top-1 agreement's standard error reaches 5 points
+# (0.5 / sqrt(100)) and one badly predicted token is at least 1 % of the mean.
+MIN_POSITIONS = 100
+
 
 @dataclass(frozen=True)
 class Gates:
     """Release thresholds; None means not gated.
 
     ``max_accuracy_drop`` is absolute (0.05 = five points of accuracy), ``max_relative_drop``
-    is the drop as a fraction of the original accuracy, ``min_speedup`` holds when the median
-    speedup over the measured workloads (each prefill and decode setting) reaches it.
+    is the drop as a fraction of the original accuracy (both read VQA exact match, else
+    multiple choice); ``max_perplexity_increase`` is relative (0.1 = the pruned perplexity
+    at most 10 % above the base's); ``max_kl`` bounds the mean KL(base ‖ pruned) and
+    ``min_top1_agreement`` the share of positions where both models rank the same token
+    first; ``min_speedup`` holds when the median speedup over the measured workloads (each
+    prefill and decode setting) reaches it.
     """
 
     max_accuracy_drop: float | None = None
     max_relative_drop: float | None = None
+    max_perplexity_increase: float | None = None
+    max_kl: float | None = None
+    min_top1_agreement: float | None = None
     min_speedup: float | None = None
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Any) -> Gates:
+        """The gates of a recipe's `validate:` section (`recipe.ValidateThresholds`, or None)."""
+        return cls(**{f.name: getattr(thresholds, f.name) for f in fields(cls)}) if thresholds is not None else cls()
 
     def override(self, **values: float | None) -> Gates:
         """These gates, with every value that is not None in ``values`` taking precedence."""
@@ -69,16 +99,36 @@ class ValidationResult:
 
     @property
     def passed(self) -> bool:
+        """Every gate held, and there was at least one."""
         return bool(self.report["verdict"]["passed"])
 
+    @property
+    def status(self) -> str:
+        return self.report["verdict"]["status"]
+
+    def exit_code(self, *, allow_no_gates: bool = False) -> int:
+        """0 when the gates held (or none were asked for and that is allowed), else 1."""
+        return 0 if self.passed or (allow_no_gates and self.status == NO_GATES) else 1
+
     def verdict_line(self) -> str:
-        """One machine-readable line: PASS/FAIL then name=value(op threshold) per gate."""
-        verdict = self.report["verdict"]
-        parts = [f"compressor-verdict: {'PASS' if verdict['passed'] else 'FAIL'}"]
-        for gate in verdict["gates"]:
-            value = "n/a" if gate["value"] is None else f"{gate['value']:.4g}"
-            parts.append(f"{gate['name']}={value}({gate['op']}{gate['threshold']:g}):{'ok' if gate['passed'] else 'FAILED'}")
-        return " ".join(parts)
+        """One machine-readable line: PASS/FAIL/NO-GATES, name=value(op threshold) per gate,
+        then ``weak-evidence=`` the figures that too few samples or positions back."""
+        return verdict_line(self.report["verdict"])
+
+
+NO_GATES = "NO-GATES"
+
+
+def verdict_line(verdict: dict[str, Any]) -> str:
+    parts = [f"compressor-verdict: {verdict['status']}"]
+    if verdict["status"] == NO_GATES:
+        parts.append("no gates evaluated")
+    for gate in verdict["gates"]:
+        value = "n/a" if gate["value"] is None else f"{gate['value']:.4g}"
+        parts.append(f"{gate['name']}={value}({gate['op']}{gate['threshold']:g}):{'ok' if gate['passed'] else 'FAILED'}")
+    if verdict.get("weak_evidence"):
+        parts.append("weak-evidence=" + ",".join(verdict["weak_evidence"]))
+    return " ".join(parts)
 
 
 def primary_accuracy(tasks: dict[str, Any]) -> tuple[str, float, float] | None:
@@ -91,32 +141,51 @@ def primary_accuracy(tasks: dict[str, Any]) -> tuple[str, float, float] | None:
 
 
 def evaluate_gates(report: dict[str, Any], gates: Gates) -> dict[str, Any]:
+    """The verdict: each requested gate against its figure. A gate whose figure is missing
+    fails (value n/a); with no gate at all the status is NO-GATES, never PASS."""
+    tasks, fidelity = report["accuracy"]["tasks"], report["accuracy"].get("fidelity") or {}
     results = []
-    primary = primary_accuracy(report["accuracy"]["tasks"])
-    if primary is not None:
-        task, base, pruned = primary
-        drop = base - pruned
-        if gates.max_accuracy_drop is not None:
-            results.append(
-                _gate(
-                    "max_accuracy_drop",
-                    "<=",
-                    gates.max_accuracy_drop,
-                    drop,
-                    f"{task} accuracy {base:.1%} -> {pruned:.1%}: drop {drop * 100:.1f} points (max {gates.max_accuracy_drop * 100:.1f})",
-                )
-            )
-        if gates.max_relative_drop is not None:
-            relative = drop / base if base > 0 else 0.0
-            results.append(
-                _gate(
-                    "max_relative_drop",
-                    "<=",
-                    gates.max_relative_drop,
-                    relative,
-                    f"{task} accuracy fell by {relative:.1%} of the original (max {gates.max_relative_drop:.1%})",
-                )
-            )
+    primary = primary_accuracy(tasks)
+    task, base, pruned = primary if primary is not None else ("accuracy", None, None)
+    drop = base - pruned if primary is not None else None
+    missing = "no labelled sample was scored"
+    if gates.max_accuracy_drop is not None:
+        detail = (
+            f"{task} accuracy {base:.1%} -> {pruned:.1%}: drop {drop * 100:.1f} points (max {gates.max_accuracy_drop * 100:.1f})"
+            if drop is not None
+            else missing
+        )
+        results.append(_gate("max_accuracy_drop", "<=", gates.max_accuracy_drop, drop, detail, task))
+    if gates.max_relative_drop is not None:
+        relative = None if drop is None else drop / base if base > 0 else 0.0
+        detail = (
+            f"{task} accuracy fell by {relative:.1%} of the original (max {gates.max_relative_drop:.1%})"
+            if relative is not None
+            else missing
+        )
+        results.append(_gate("max_relative_drop", "<=", gates.max_relative_drop, relative, detail, task))
+    if gates.max_perplexity_increase is not None:
+        ppl = tasks.get("perplexity") or {}
+        before, after = ppl.get("base"), ppl.get("pruned")
+        increase = after / before - 1 if before and after is not None else None
+        detail = (
+            f"perplexity {before:.4g} -> {after:.4g} on {ppl['tokens']} tokens of {ppl['n']} texts: "
+            f"{increase:+.1%} (max +{gates.max_perplexity_increase:.1%})"
+            if increase is not None
+            else "no prompt-only text was scored"
+        )
+        results.append(_gate("max_perplexity_increase", "<=", gates.max_perplexity_increase, increase, detail, "perplexity"))
+    where = f"over {fidelity.get('n_positions', 0)} positions of {fidelity.get('n_samples', 0)} samples"
+    if gates.max_kl is not None:
+        kl = fidelity.get("kl_mean")
+        detail = f"mean KL(base || pruned) {kl:.4g} {where} (max {gates.max_kl:g})" if kl is not None else "no position was compared"
+        results.append(_gate("max_kl", "<=", gates.max_kl, kl, detail, "fidelity"))
+    if gates.min_top1_agreement is not None:
+        top1 = fidelity.get("top1_agreement")
+        detail = (
+            f"top-1 agreement {top1:.1%} {where} (min {gates.min_top1_agreement:.1%})" if top1 is not None else "no position was compared"
+        )
+        results.append(_gate("min_top1_agreement", ">=", gates.min_top1_agreement, top1, detail, "fidelity"))
     if gates.min_speedup is not None:
         # The median over workloads: one noisy workload (a shared CPU, a tiny model) must not
         # decide the release; the slowest one is named in the detail.
@@ -129,20 +198,67 @@ def evaluate_gates(report: dict[str, Any], gates: Gates) -> dict[str, Any]:
             if typical is not None
             else "no latency was measured"
         )
-        results.append(_gate("min_speedup", ">=", gates.min_speedup, typical, detail))
-    passed = all(g["passed"] for g in results)
+        results.append(_gate("min_speedup", ">=", gates.min_speedup, typical, detail, "latency"))
+    evidence = report.get("evidence") or {}
+    weak = [name for name, figure in evidence.items() if figure["weak"]]
+    for gate in results:
+        gate["weak_evidence"] = gate["figure"] in weak
     failed = [g["name"] for g in results if not g["passed"]]
-    summary = f"PASS: {len(results)} gate(s) held" if passed else f"FAIL: {', '.join(failed)}"
-    return {"passed": passed, "summary": summary, "gates": results}
+    if not results:
+        status, summary = (
+            NO_GATES,
+            "no gates evaluated: nothing was checked (set a gate, e.g. --max-accuracy-drop or --max-perplexity-increase, "
+            "or a recipe's validate: section)",
+        )
+    elif failed:
+        status, summary = "FAIL", f"FAIL: {', '.join(failed)}"
+    else:
+        status, summary = "PASS", f"PASS: {len(results)} gate(s) held"
+    if weak:
+        summary += "; weak evidence: " + "; ".join(f"{name} ({evidence[name]['why']})" for name in weak)
+    return {"status": status, "passed": status == "PASS", "summary": summary, "gates": results, "weak_evidence": weak}
 
 
-def _gate(name: str, op: str, threshold: float, value: float | None, detail: str) -> dict[str, Any]:
+def evidence(accuracy: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per figure of the report: the samples (and scored positions) behind it, and whether
+    that is weak (fewer than MIN_SAMPLES samples or MIN_POSITIONS positions)."""
+    tasks, found = accuracy["tasks"], {}
+    for name in ("vqa", "multiple_choice"):
+        if tasks.get(name):
+            found[name] = _strength(tasks[name]["n"])
+    if tasks.get("perplexity"):
+        found["perplexity"] = _strength(tasks["perplexity"]["n"], tasks["perplexity"]["tokens"])
+    if accuracy.get("fidelity"):
+        found["fidelity"] = _strength(accuracy["fidelity"]["n_samples"], accuracy["fidelity"]["n_positions"])
+    return found
+
+
+def _strength(samples: int, positions: int | None = None) -> dict[str, Any]:
+    shortfalls = [f"{samples} samples < {MIN_SAMPLES}"] if samples < MIN_SAMPLES else []
+    if positions is not None and positions < MIN_POSITIONS:
+        shortfalls.append(f"{positions} positions < {MIN_POSITIONS}")
+    found: dict[str, Any] = {"samples": samples}
+    if positions is not None:
+        found["positions"] = positions
+    return {**found, "weak": bool(shortfalls), "why": ", ".join(shortfalls) or None}
+
+
+def _gate(name: str, op: str, threshold: float, value: float | None, detail: str, figure: str) -> dict[str, Any]:
     if value is None:
         held = False
     else:
         held = value <= threshold + 1e-12 if op == "<=" else value >= threshold - 1e-12
     margin = None if value is None else (threshold - value if op == "<=" else value - threshold)
-    return {"name": name, "op": op, "threshold": threshold, "value": value, "margin": margin, "passed": held, "detail": detail}
+    return {
+        "name": name,
+        "op": op,
+        "threshold": threshold,
+        "value": value,
+        "margin": margin,
+        "passed": held,
+        "detail": detail,
+        "figure": figure,  # the report figure it reads: a task, fidelity or latency
+    }
 
 
 def _speedups(latency: dict[str, Any] | None) -> dict[str, float]:
@@ -164,9 +280,14 @@ def write_junit(report: dict[str, Any], path: Path | str) -> None:
     for gate in gates:
         body = "" if gate["passed"] else f"<failure message={quoteattr(gate['detail'])}>{escape(gate['detail'])}</failure>"
         cases.append(f'  <testcase classname="compressor.validate" name={quoteattr(gate["name"])}>{body}</testcase>')
+    skipped = 0
+    if not gates:  # an empty suite reads as green in most CI views: say that nothing was checked
+        skipped = 1
+        message = quoteattr(report["verdict"]["summary"])
+        cases.append(f'  <testcase classname="compressor.validate" name="no gates evaluated"><skipped message={message}/></testcase>')
     xml = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<testsuite name="compressor.validate" tests="{len(gates)}" failures="{failures}" errors="0">\n'
+        f'<testsuite name="compressor.validate" tests="{len(cases)}" failures="{failures}" errors="0" skipped="{skipped}">\n'
         + "\n".join(cases)
         + "\n</testsuite>\n"
     )
@@ -180,10 +301,50 @@ def thresholds_from_recipe(pruned_dir: Path, recipe: Path | str | None) -> Gates
         if recipe:
             raise InputError(f"Recipe '{recipe}' does not exist.", fix="pass an existing recipe or drop --recipe.")
         return Gates()
-    thresholds = load_recipe(path).recipe.thresholds
-    if thresholds is None:
-        return Gates()
-    return Gates(thresholds.max_accuracy_drop, thresholds.max_relative_drop, thresholds.min_speedup)
+    return Gates.from_thresholds(load_recipe(path).recipe.thresholds)
+
+
+def data_kinds(samples: list[Any]) -> dict[str, int]:
+    """How many samples of each kind the data holds: what decides which tasks (and gates) run."""
+    return {
+        "answered": sum(s.answer is not None and not s.choices for s in samples),
+        "multiple_choice": sum(bool(s.choices) for s in samples),
+        "text": sum(is_text(s) for s in samples),
+        "image_prompt": sum(s.image is not None and s.answer is None for s in samples),
+    }
+
+
+def check_gates(gates: Gates, samples: list[Any], *, tasks: tuple[str, ...] = TASKS, latency: bool = True) -> None:
+    """Refuse, before any model loads, every requested gate these samples and options cannot evaluate."""
+    kinds = data_kinds(samples)
+    problems = []
+    accuracy_gates = [name for name in ("max_accuracy_drop", "max_relative_drop") if getattr(gates, name) is not None]
+    if accuracy_gates and not (("vqa" in tasks and kinds["answered"]) or ("multiple_choice" in tasks and kinds["multiple_choice"])):
+        if kinds["answered"] or kinds["multiple_choice"]:
+            needs = "the vqa or multiple_choice task (add --task vqa or --task multiple_choice)"
+        else:
+            needs = "labelled samples: an 'answer' (VQA, exact match) or 'choices' with an 'answer' (multiple choice)"
+        problems += [f"{_flag(name)} needs {needs}" for name in accuracy_gates]
+    if gates.max_perplexity_increase is not None and not ("perplexity" in tasks and kinds["text"]):
+        needs = "the perplexity task" if kinds["text"] else "prompt-only text samples (a 'prompt' with no 'answer' and no 'image')"
+        problems.append(f"{_flag('max_perplexity_increase')} needs {needs}")
+    for name in ("max_kl", "min_top1_agreement"):
+        if getattr(gates, name) is not None and "fidelity" not in tasks:
+            problems.append(f"{_flag(name)} needs the fidelity task")
+    if gates.min_speedup is not None and not latency:
+        problems.append(f"{_flag('min_speedup')} needs latency measurements (drop --no-latency)")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        held = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in kinds.items())
+        raise InputError(
+            f"{len(problems)} gate(s) cannot be evaluated on this data ({len(samples)} samples: {held}):\n{listed}",
+            fix="evaluate on data that has what each gate needs, or drop the gate: it comes from its option or a recipe's "
+            "validate: section (`validate --recipe FILE` takes the gates of another recipe than the exported one).",
+        )
+
+
+def _flag(gate: str) -> str:
+    return f"--{gate.replace('_', '-')} ({gate})"
 
 
 def validate(
@@ -206,9 +367,12 @@ def validate(
     placement: Placement | None = None,
     allow_outside_data: bool = False,
     trust_remote_code: bool = False,
+    text_format: Format = "auto",
 ) -> ValidationResult:
     """Compare ``pruned_ref`` with ``base_ref`` and write report.json/.md/.html into ``out_dir``.
 
+    Every gate in ``gates`` is checked against the data (`check_gates`) before a model loads.
+    ``text_format`` lays out the samples (`accuracy.Format`; perplexity is always raw text).
     With a ``placement`` device map, both models are spread the same way (models bigger than
     one GPU); latency is then that of the spread model, inputs entering at its first device."""
     out_dir = Path(out_dir)
@@ -221,12 +385,11 @@ def validate(
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise InputError(f"Unknown task(s) {sorted(unknown)}.", fix=f"use some of: {', '.join(TASKS)}.")
-    if (gates.max_accuracy_drop is not None or gates.max_relative_drop is not None) and not {"vqa", "multiple_choice"} & set(tasks):
-        raise InputError("An accuracy gate needs the vqa or multiple_choice task.", fix="add --task vqa (or multiple_choice).")
-    if gates.min_speedup is not None and not latency:
-        raise InputError("--min-speedup needs latency measurements.", fix="drop --no-latency.")
+    if text_format not in FORMATS:
+        raise InputError(f"Unknown text format '{text_format}'.", fix=f"use one of: {', '.join(FORMATS)}.")
     with output_lock(out_dir):  # held while both models are evaluated: a second writer fails now, not at the end
         samples = load_samples(data, limit=num_samples, allow_outside=allow_outside_data)
+        check_gates(gates, samples, tasks=tasks, latency=latency)
         base = load_model(base_source, device=device, dtype=dtype, placement=placement)
         pruned = load_model(pruned_source, device=device, dtype=dtype, placement=placement)
         if base.adapter.family != pruned.adapter.family:
@@ -237,7 +400,7 @@ def validate(
         removed = _removed_blocks(
             pruned.source.path, base.adapter.num_blocks(base.model.config), pruned.adapter.num_blocks(pruned.model.config)
         )
-        accuracy = _accuracy(base, pruned, samples, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        accuracy = _accuracy(base, pruned, samples, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens, text_format=text_format)
         latency_report = None
         if latency:
             options = {"samples": [s for s in samples if s.image is not None][:4] or None, **(latency_options or {})}
@@ -254,9 +417,11 @@ def validate(
                 "base": _describe(base),
                 "pruned": {**_describe(pruned), "removed": removed},
             },
-            "data": {"path": Path(data).name, "num_samples": len(samples)},  # published with the model: no local path
+            # published with the model: no local path
+            "data": {"path": Path(data).name, "num_samples": len(samples), "kinds": data_kinds(samples), "format": text_format},
             "gates": gates.active,
             "accuracy": accuracy,
+            "evidence": evidence(accuracy),
             "latency": latency_report,
             "calibration": json.loads(calibration_file.read_text()) if calibration_file.is_file() else None,
             "environment": {
@@ -300,13 +465,17 @@ def _removed_blocks(pruned_dir: Path, base_blocks: int, pruned_blocks: int) -> l
     )
 
 
-def _accuracy(base: Any, pruned: Any, samples: list, tasks: tuple[str, ...], *, batch_size: int, max_new_tokens: int) -> dict[str, Any]:
+def _accuracy(
+    base: Any, pruned: Any, samples: list, tasks: tuple[str, ...], *, batch_size: int, max_new_tokens: int, text_format: Format
+) -> dict[str, Any]:
     results: dict[str, Any] = {name: None for name in TASKS if name != "fidelity"}
     per_sample: dict[str, Any] = {}
     open_ended = [s for s in samples if s.answer is not None and not s.choices]
     if "vqa" in tasks and open_ended:
         scores = {
-            name: scoring.answer_accuracy(m.model, m.processor, open_ended, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            name: scoring.answer_accuracy(
+                m.model, m.processor, open_ended, batch_size=batch_size, max_new_tokens=max_new_tokens, text_format=text_format
+            )
             for name, m in (("base", base), ("pruned", pruned))
         }
         results["vqa"] = {
@@ -323,7 +492,7 @@ def _accuracy(base: Any, pruned: Any, samples: list, tasks: tuple[str, ...], *, 
         ]
     if "multiple_choice" in tasks and any(s.choices for s in samples):
         scores = {
-            name: scoring.choice_accuracy(m.model, m.processor, samples, batch_size=batch_size)
+            name: scoring.choice_accuracy(m.model, m.processor, samples, batch_size=batch_size, text_format=text_format)
             for name, m in (("base", base), ("pruned", pruned))
         }
         results["multiple_choice"] = {
@@ -336,7 +505,7 @@ def _accuracy(base: Any, pruned: Any, samples: list, tasks: tuple[str, ...], *, 
             {**b, "pruned_prediction": p["prediction"], "pruned_correct": p["correct"]}
             for b, p in zip(scores["base"]["samples"], scores["pruned"]["samples"])
         ]
-    if "perplexity" in tasks and any(s.image is None for s in samples):
+    if "perplexity" in tasks and any(is_text(s) for s in samples):
         scores = {
             name: scoring.perplexity(m.model, m.processor, samples, batch_size=batch_size)
             for name, m in (("base", base), ("pruned", pruned))
@@ -347,5 +516,7 @@ def _accuracy(base: Any, pruned: Any, samples: list, tasks: tuple[str, ...], *, 
             "base": scores["base"]["perplexity"],
             "pruned": scores["pruned"]["perplexity"],
         }
-    fidelity = scoring.fidelity(base.model, pruned.model, base.processor, samples, batch_size=batch_size) if "fidelity" in tasks else None
+    fidelity = None
+    if "fidelity" in tasks:
+        fidelity = scoring.fidelity(base.model, pruned.model, base.processor, samples, batch_size=batch_size, text_format=text_format)
     return {"tasks": results, "fidelity": fidelity, "samples": per_sample}

@@ -2,8 +2,9 @@
 
 The reference is `apply_plan` + `save_pretrained`: the rewritten files must hold the same
 tensors (names, dtypes, values) and the same config, reload with no missing or unexpected
-keys, and give the in-memory pruned model's logits. Memory is checked with tracemalloc on
-the user-space copy path, with a control run that shows the measurement sees the buffer.
+keys, and give the in-memory pruned model's logits. Each source byte is read once and hashed
+as it is written (the manifest does not read the weights again); memory is checked with
+tracemalloc, with a control run that shows the measurement sees the copy buffers.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
+import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compressor import checkpoint
+from compressor import checkpoint, manifest
 from compressor.architectures import adapter_for_config
 from compressor.checkpoint import (
     DTYPE_BYTES,
@@ -38,10 +43,13 @@ from compressor.checkpoint import (
 from compressor.data import build_batch, load_samples
 from compressor.demo.processor import build_tokenizer
 from compressor.errors import CheckpointError, InputError, InsufficientSpaceError, OutputExistsError, PlanError
+from compressor.manifest import FileHash, check_folder, folder_files
 from compressor.surgery import apply_plan
 
-from .conftest import FAMILIES, WORDS, _text_kwargs
+from .conftest import FAMILIES, WORDS, _text_kwargs, run_cli
 from .test_surgery import make_plan
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -204,7 +212,8 @@ def test_mixed_dtypes_stay_aligned(tmp_path):
     source = read_checkpoint(tmp_path / "src")
     shards, dropped = checkpoint.plan_shards(source, names)
     assert dropped == [] and len(shards) == 1
-    write_shard(shards[0], tmp_path / "out.safetensors", checkpoint.ByteCopier(chunk_size=5))
+    digest = write_shard(shards[0], tmp_path / "out.safetensors", chunk_size=5)
+    assert digest == FileHash.of((tmp_path / "out.safetensors").read_bytes())
     written = read_header(tmp_path / "out.safetensors")
     assert written.metadata == {"format": "pt", "note": "kept"}
     assert written.data_start % 8 == 0
@@ -310,75 +319,137 @@ def test_stale_weights_and_source_lineage_are_not_copied(tiny_models, tmp_path):
     assert {"pytorch_model.bin", "original/", "README.md"} <= set(result.skipped_files)
 
 
-# -- copying: both paths give the same bytes, and memory stays bounded ----------------------------
+# -- copying: one read of the source, hashed as written, memory bounded ---------------------------
 
 
-def test_user_space_fallback_gives_identical_files(tiny_models, tmp_path, monkeypatch):
-    loaded = tiny_models["qwen2"].load()
+class CountingReads:
+    """A file opened by `checkpoint` that counts the bytes its callers read through it."""
+
+    def __init__(self, handle, counts: Counter):
+        self.handle, self.counts = handle, counts
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.handle.close()
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.counts[Path(self.handle.name).name] += len(data)
+        return data
+
+    def readinto(self, buffer):
+        n = self.handle.readinto(buffer)
+        self.counts[Path(self.handle.name).name] += n
+        return n
+
+
+def prune_out_of_core(source: Path, out: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "prune", source, "--recipe", RECIPES / "explicit.yaml", "-o", out, "--out-of-core")
+    assert code == 0, err
+
+
+def test_manifest_hashes_are_those_of_the_files_on_disk(tiny_models, tmp_path, capsys):
+    loaded = tiny_models["llava"].load()
     source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
-    rewrite_checkpoint(source, tmp_path / "a", make_plan([0, 3]), loaded.adapter)
-
-    calls = {"copy_file_range": 0, "sendfile": 0}
-
-    def refused(method: str, code: int, after: int):
-        real = getattr(os, method)
-
-        def call(*args):
-            calls[method] += 1
-            if calls[method] > after:  # works for a while, then refuses mid-file
-                raise OSError(code, f"{method} refused")
-            return real(*args)
-
-        return call
-
-    monkeypatch.setattr(checkpoint, "COPY_METHODS", ("copy_file_range", "sendfile", "buffer"))
-    monkeypatch.setattr(os, "copy_file_range", refused("copy_file_range", errno.EXDEV, after=3), raising=False)
-    monkeypatch.setattr(os, "sendfile", refused("sendfile", errno.EINVAL, after=3), raising=False)
-    rewrite_checkpoint(source, tmp_path / "b", make_plan([0, 3]), loaded.adapter, chunk_size=1000)
-    assert calls["copy_file_range"] > 3 and calls["sendfile"] > 3  # both were refused mid-run
-    files = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
-    assert files == sorted(p.name for p in (tmp_path / "b").glob("*.safetensors"))
-    for name in files:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    prune_out_of_core(source, tmp_path / "out", capsys)
+    out = tmp_path / "out"
+    on_disk = {
+        p.relative_to(out).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in folder_files(out)
+        if p.name not in {"README.md", "compressor.json"}
+    }
+    assert len([name for name in on_disk if name.endswith(".safetensors")]) > 1
+    assert json.loads((out / "compressor.json").read_text())["files"] == on_disk
+    assert check_folder(out).verified
 
 
-def test_copier_steps_down_once_per_refused_method(tmp_path, monkeypatch):
-    data = bytes(range(256)) * 40
+def test_weights_are_read_once_and_never_again_for_the_manifest(tiny_models, tmp_path, capsys, monkeypatch):
+    loaded = tiny_models["llama"].load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    names = BlockNames.for_plan(loaded.adapter, make_plan([2, 4]))  # explicit.yaml: [2, -2] of 6
+    # Each source file: its header, then the bytes of every tensor it keeps, once.
+    expected = {
+        f.path.name: f.data_start + sum(t.nbytes for t in f.tensors if names.rename(t.name) is not None)
+        for f in read_checkpoint(source).files
+    }
+    reads: Counter = Counter()
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)
+        return CountingReads(handle, reads) if Path(file).parent == source and "r" in mode else handle
+
+    hashed: list[str] = []
+
+    def recording_sha256(path: Path, *args) -> str:
+        hashed.append(path.name)
+        return real_sha256(path, *args)
+
+    real_sha256 = manifest.sha256
+    monkeypatch.setattr(checkpoint, "open", counting_open, raising=False)
+    monkeypatch.setattr(manifest, "sha256", recording_sha256)
+    prune_out_of_core(source, tmp_path / "out", capsys)
+    assert dict(reads) == expected
+    assert sum(expected.values()) < sum(p.stat().st_size for p in source.glob("*.safetensors"))  # removed blocks: never read
+    written = {p.name for p in (tmp_path / "out").glob("*.safetensors")} | {INDEX_NAME}
+    assert "config.json" in hashed  # the manifest still hashes the files nobody hashed for it
+    assert not written & set(hashed), f"re-read for the manifest: {sorted(written & set(hashed))}"
+
+
+def test_manifest_takes_given_hashes_and_rehashes_stale_ones(tmp_path):
+    (tmp_path / "given").write_bytes(b"a" * 10)
+    (tmp_path / "stale").write_bytes(b"b" * 10)
+    (tmp_path / "other").write_bytes(b"c" * 10)
+    given = {"given": FileHash(10, "1" * 64), "stale": FileHash(9, "2" * 64)}  # "stale": rewritten since (size differs)
+    files = manifest.write_manifest(tmp_path, checks=[], facts={}, hashed=given)["files"]
+    assert files["given"] == {"size": 10, "sha256": "1" * 64}  # taken as given: not read
+    assert files["stale"] == {"size": 10, "sha256": hashlib.sha256(b"b" * 10).hexdigest()}
+    assert files["other"] == {"size": 10, "sha256": hashlib.sha256(b"c" * 10).hexdigest()}
+
+
+def test_hashing_writer_reuses_a_buffer_only_once_it_is_hashed(tmp_path, monkeypatch):
+    """With a hasher far slower than the copy, a buffer refilled too early would change the hash."""
+    data = os.urandom(10_000)
     (tmp_path / "src").write_bytes(data)
-    calls = {"copy_file_range": 0, "sendfile": 0}
 
-    def refusing(method: str, after: int):
-        real = getattr(os, method)
+    class SlowSha256:
+        def __init__(self):
+            self.sha = hashlib.sha256()
 
-        def call(*args):
-            calls[method] += 1
-            if calls[method] > after:
-                raise OSError(errno.ENOSYS, "no")
-            return real(*args)
+        def update(self, chunk):
+            time.sleep(0.001)
+            self.sha.update(chunk)
 
-        return call
+        def hexdigest(self):
+            return self.sha.hexdigest()
 
-    monkeypatch.setattr(os, "copy_file_range", refusing("copy_file_range", 2), raising=False)
-    monkeypatch.setattr(os, "sendfile", refusing("sendfile", 2), raising=False)
-    copier = checkpoint.ByteCopier(chunk_size=100, methods=("copy_file_range", "sendfile"))
+    monkeypatch.setattr(checkpoint, "hashlib", SimpleNamespace(sha256=SlowSha256))
     with open(tmp_path / "src", "rb", buffering=0) as src, open(tmp_path / "dst", "wb", buffering=0) as dst:
-        copier.copy(src, dst, 1000, 2000)  # 2 + 2 chunks in the kernel, the rest through the buffer
-        copier.copy(src, dst, 10, 5)
-    assert calls == {"copy_file_range": 3, "sendfile": 3} and copier.methods == ["buffer"]
-    assert (tmp_path / "dst").read_bytes() == data[1000:3000] + data[10:15]
+        with checkpoint.HashingWriter(dst, chunk_size=100) as writer:
+            writer.write(b"header")
+            writer.copy(src, 5000, 5000)  # 50 chunks through HASH_DEPTH buffers
+            writer.copy(src, 10, 1234)
+            digest = writer.finish()
+    expected = b"header" + data[5000:] + data[10:1244]
+    assert (tmp_path / "dst").read_bytes() == expected
+    assert digest == FileHash.of(expected)
 
 
-def test_other_os_errors_are_not_swallowed(tiny_models, tmp_path, monkeypatch):
+def test_a_failing_hash_stops_the_rewrite_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     loaded = tiny_models["llama"].load()
 
-    def broken(*args):
-        raise OSError(errno.EIO, "I/O error")
+    class BrokenSha256:
+        def update(self, chunk):
+            raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(checkpoint, "COPY_METHODS", ("copy_file_range", "buffer"))
-    monkeypatch.setattr(os, "copy_file_range", broken, raising=False)
+    monkeypatch.setattr(checkpoint, "hashlib", SimpleNamespace(sha256=BrokenSha256))
     with pytest.raises(OSError, match="I/O error"):
-        rewrite_checkpoint(tiny_models["llama"].path, tmp_path / "out", make_plan([1]), loaded.adapter)
-    assert not (tmp_path / "out").exists()
+        rewrite_checkpoint(tiny_models["llama"].path, tmp_path / "out", make_plan([1]), loaded.adapter, chunk_size=1000)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
@@ -405,14 +476,11 @@ def traced_peak(source: Path, out: Path, chunk_size: int) -> int:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("method", ["buffer", "default"])
-def test_peak_memory_is_bounded_by_the_chunk(wide_llama, tmp_path, monkeypatch, method):
-    if method == "buffer":
-        monkeypatch.setattr(checkpoint, "COPY_METHODS", ("buffer",))
+def test_peak_memory_is_bounded_by_the_chunk(wide_llama, tmp_path):
     tensor_bytes = 16 * 131072 * 4
     assert max(t.nbytes for t in read_header(wide_llama / "model.safetensors").tensors) == tensor_bytes
-    peak = traced_peak(wide_llama, tmp_path / "small", chunk_size=256 << 10)
-    assert peak < tensor_bytes // 4, f"peak {peak} bytes while copying {tensor_bytes}-byte tensors"
-    if method == "buffer":
-        # Control: the measurement does see the copy buffer (a chunk as big as a tensor shows up).
-        assert traced_peak(wide_llama, tmp_path / "big", chunk_size=tensor_bytes) >= tensor_bytes
+    chunk = 256 << 10
+    peak = traced_peak(wide_llama, tmp_path / "small", chunk_size=chunk)
+    assert checkpoint.HASH_DEPTH * chunk <= peak < tensor_bytes // 4, f"peak {peak} bytes while copying {tensor_bytes}-byte tensors"
+    # Control: the measurement does see the copy buffers (a chunk as big as a tensor shows up).
+    assert traced_peak(wide_llama, tmp_path / "big", chunk_size=tensor_bytes) >= tensor_bytes

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from compressor.calibrate import CalibrationOptions, CalibrationReport, calibrate
 from compressor.data import build_batch, load_samples
 from compressor.errors import PlanError
-from compressor.functional import Head, replay, scored_positions, trace
+from compressor.functional import Head, Sums, record, scan, scored_positions
+from compressor.pipeline import calibration_options
 from compressor.planner import plan
 from compressor.recipe import parse_recipe
 from compressor.surgery import skip_blocks
@@ -25,34 +26,63 @@ def _batch(tiny, n: int = 3):
     return loaded, build_batch(loaded.processor, samples, with_answer=True)
 
 
+def _scored_logits(model, adapter, batch, skipped, rows) -> torch.Tensor:
+    """The naive reference: the whole model run with ``skipped`` acting as the identity."""
+    with skip_blocks(model, adapter, list(skipped)):
+        return model(**batch.inputs, use_cache=False).logits.float()[rows[:, 0], rows[:, 1]]
+
+
+def _naive_sums(model, adapter, batch, skipped, rows, targets, original) -> tuple[float, float]:
+    logp = F.log_softmax(_scored_logits(model, adapter, batch, skipped, rows), dim=-1)
+    full = F.log_softmax(original, dim=-1)
+    return float(F.nll_loss(logp, targets, reduction="sum")), float(F.kl_div(logp, full, log_target=True, reduction="sum"))
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
-def test_replay_reproduces_the_model_and_its_skips(family, tiny_models):
+def test_scan_equals_the_model_run_with_each_block_skipped(family, tiny_models):
+    """Per block, the scan's loss and KL are those of the model literally run with that block
+    skipped; it costs L + L(L-1)/2 block calls and holds two hidden states, not L."""
     loaded, batch = _batch(tiny_models[family])
     model, adapter = loaded.model, loaded.adapter
-    head = Head(model, adapter)
-    t = trace(model, adapter, head, batch)
-    rows = t.positions
+    num_blocks = len(adapter.blocks(model))
+    rows, targets = scored_positions(batch, adapter.image_token_id(model.config))
     assert len(rows) > 0 and bool(batch.answer_mask[rows[:, 0], rows[:, 1] + 1].all())  # answers are scored
-    full = model(**batch.inputs, use_cache=False).logits.float()[rows[:, 0], rows[:, 1]]
-    torch.testing.assert_close(t.full_logits, full, rtol=1e-5, atol=1e-5)  # norm, head and softcap right
-    blocks = adapter.blocks(model)
-    for index in (0, 3, len(blocks) - 1):
-        with skip_blocks(model, adapter, [index]):
-            want = model(**batch.inputs, use_cache=False).logits.float()[rows[:, 0], rows[:, 1]]
-        got = head(replay(blocks, t, index + 1, frozenset({index}), t.inputs[index])[rows[:, 0], rows[:, 1]])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    sums = Sums(num_blocks)
+    scan(model, adapter, Head(model, adapter), batch, sums)
+    original = _scored_logits(model, adapter, batch, [], rows)
+    assert sums.base_loss == pytest.approx(float(F.cross_entropy(original, targets, reduction="sum")), rel=1e-5)
+    for index in range(num_blocks):
+        loss, kl = _naive_sums(model, adapter, batch, [index], rows, targets, original)
+        assert sums.loss[index] == pytest.approx(loss, rel=1e-5, abs=1e-4)
+        assert sums.kl[index] == pytest.approx(kl, rel=1e-4, abs=1e-4)
+    assert sums.block_calls == num_blocks + num_blocks * (num_blocks - 1) // 2
+    assert sums.head_rows == len(rows) * (num_blocks + 1)  # the LM head only ever sees scored rows
+    assert not any("forward" in vars(block) for block in adapter.blocks(model))  # the recording's stand-ins are gone
+    state = record(model, adapter, batch).first
+    row_bytes = len(rows) * state.shape[-1] * state.element_size()
+    assert sums.held_bytes <= 2 * state.nbytes + (num_blocks + 1) * row_bytes < num_blocks * state.nbytes
 
 
 @torch.no_grad()
-def test_trace_with_removed_blocks_is_the_pruned_model(tiny_models):
+def test_scan_with_removed_blocks_measures_the_pruned_model(tiny_models):
+    """A greedy step: the walk is the model with blocks 1 and 4 gone, each candidate is skipped
+    on top of them, the KL is against the original; the prefix before block 1 is run once."""
     loaded, batch = _batch(tiny_models["qwen2"])
     model, adapter = loaded.model, loaded.adapter
-    t = trace(model, adapter, Head(model, adapter), batch, skip=frozenset({1, 4}))
-    with skip_blocks(model, adapter, [1, 4]):
-        want = model(**batch.inputs, use_cache=False).logits.float()[t.positions[:, 0], t.positions[:, 1]]
-    torch.testing.assert_close(t.logits, want, rtol=1e-5, atol=1e-5)
-    assert t.inputs[2] is t.inputs[1] or torch.equal(t.inputs[2], t.inputs[1])  # a removed block passes its input on
+    rows, targets = scored_positions(batch, None)
+    sums = Sums(6)
+    scan(model, adapter, Head(model, adapter), batch, sums, removed=frozenset({1, 4}), candidates=[0, 2, 3, 5])
+    original = _scored_logits(model, adapter, batch, [], rows)
+    assert sums.base_loss == pytest.approx(_naive_sums(model, adapter, batch, [1, 4], rows, targets, original)[0], rel=1e-5)
+    for index in (0, 2, 3, 5):
+        loss, kl = _naive_sums(model, adapter, batch, [1, 4, index], rows, targets, original)
+        assert sums.loss[index] == pytest.approx(loss, rel=1e-5, abs=1e-4)
+        assert sums.kl[index] == pytest.approx(kl, rel=1e-4, abs=1e-4)
+    assert sums.loss[1] == sums.loss[4] == 0.0  # removed blocks are not candidates
+    walk, original_from_1 = 4, 5  # blocks 0, 2, 3, 5 of the pruned model; blocks 1..5 of the original
+    replays = 3 + 2 + 1 + 0  # after candidate 0: blocks 2, 3, 5; after 2: 3, 5; after 3: 5
+    assert sums.block_calls == walk + original_from_1 + replays
 
 
 def test_scored_positions_without_answers_skip_image_targets(tiny_models):
@@ -66,8 +96,8 @@ def test_scored_positions_without_answers_skip_image_targets(tiny_models):
 
 @torch.no_grad()
 def _loss_with(model, adapter, batch, skipped) -> float:
-    t = trace(model, adapter, Head(model, adapter), batch, skip=frozenset(skipped))
-    return float(F.cross_entropy(t.logits, t.targets))
+    rows, targets = scored_positions(batch, adapter.image_token_id(model.config))
+    return float(F.cross_entropy(_scored_logits(model, adapter, batch, skipped, rows), targets))
 
 
 def test_ablation_and_greedy_are_the_losses_of_the_skipped_models(tiny_models):
@@ -90,7 +120,50 @@ def test_ablation_and_greedy_are_the_losses_of_the_skipped_models(tiny_models):
     # The second step was measured with the first block already gone.
     assert greedy["steps"][1]["loss"] == pytest.approx(_loss_with(model, adapter, batch, greedy["order"]), abs=1e-4)
     assert report.greedy_order == greedy["order"]
-    assert {"ablation_forward_s", "ablation_replay_s", "attention_s", "geometric_s"} <= set(report.timings)
+    assert {"ablation_forward_s", "ablation_replay_s", "greedy_forward_s", "attention_s", "geometric_s"} <= set(report.timings)
+
+
+def test_scan_costs_are_counted_in_the_report(tiny_models):
+    """Ablation: at most L + L(L-1)/2 block calls a batch (≈ L/2 forward passes); greedy with
+    k steps: fewer than k such scans, and no ablation scan unless one is asked for."""
+    tiny = tiny_models["llama"]
+    loaded = tiny.load()
+    samples = load_samples(tiny.data)
+    args = (loaded.model, loaded.processor, loaded.adapter, samples)
+    both = calibrate(*args, options=CalibrationOptions(batch_size=3, ablation=True, greedy=3)).metrics
+    scan_cost, greedy_cost = both["ablation"]["cost"], both["greedy"]["cost"]
+    L = 6
+    assert scan_cost["block_calls_per_batch"] <= L * (L - 1) // 2 + L
+    assert scan_cost["forward_equivalents"] == pytest.approx(scan_cost["block_calls_per_batch"] / L, abs=1e-3)
+    assert scan_cost["forward_equivalents"] <= (L + 1) / 2
+    assert scan_cost["head_rows"] == both["ablation"]["tokens"] * (L + 1)
+    assert greedy_cost["block_calls_per_batch"] < 3 * scan_cost["block_calls_per_batch"]
+    alone = calibrate(*args, options=CalibrationOptions(batch_size=3, greedy=3, greedy_keep=(0, -1))).metrics
+    assert "ablation" not in alone and "ablation_kl" not in alone
+    # Protected blocks are never scanned: the first step alone is cheaper than a full scan.
+    assert alone["greedy"]["cost"]["block_calls_per_batch"] < greedy_cost["block_calls_per_batch"]
+
+
+def test_a_greedy_order_past_the_kept_blocks_is_refused_before_any_pass(tiny_models):
+    from compressor.errors import InputError
+
+    tiny = tiny_models["llama"]
+    loaded = tiny.load()
+    calls = []
+    handle = loaded.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    options = CalibrationOptions(greedy=5, greedy_keep=(0, -1))  # 6 blocks, 2 kept: 4 at most
+    with pytest.raises(InputError, match="--greedy 4 or less"):
+        calibrate(loaded.model, loaded.processor, loaded.adapter, load_samples(tiny.data), options=options)
+    handle.remove()
+    assert calls == []
+
+
+def test_a_greedy_recipe_runs_no_ablation_scan():
+    recipe = parse_recipe("version: 1\nname: g\nselect: {op: greedy, count: 2, protect: {first: 1}}\n")
+    options = calibration_options(recipe)
+    assert options.greedy == 2 and options.greedy_keep == (0,) and not options.ablation
+    reads = parse_recipe("version: 1\nname: t\nselect: {op: lowest, metric: ablation_kl, count: 2}\n")
+    assert calibration_options(reads).ablation
 
 
 @torch.no_grad()
@@ -198,3 +271,21 @@ def test_cli_calibrate_functional_options_and_run_with_a_greedy_recipe(tiny_mode
     assert len(greedy["order"]) == 2 and 0 not in greedy["order"] and greedy["kept"] == [0]  # searched as the recipe allows
     code = main(["calibrate", str(tiny.path), "--data", str(tiny.data), "-o", str(tmp_path / "x.json"), "--greedy", "6"])
     assert code == 2 and "--greedy 5 or less" in capsys.readouterr().err
+
+
+def test_scans_through_an_offloading_device_map_give_the_same_figures(tiny_models, tmp_path):
+    """The recording stands in for the blocks' forwards for one pass; accelerate's own wrappers
+    (weights streamed from disk) come back after it, and every figure is the same."""
+    import json
+
+    from compressor.cli import main
+
+    tiny = tiny_models["llava"]
+    base = ["calibrate", str(tiny.path), "--data", str(tiny.data), "--batch-size", "3", "--device", "cpu", "--ablation", "--greedy", "2"]
+    assert main([*base, "-o", str(tmp_path / "plain.json")]) == 0
+    offload = ["--device-map", "auto", "--max-memory", "cpu=150KB", "--offload-folder", str(tmp_path / "offload")]
+    assert main([*base, *offload, "-o", str(tmp_path / "spread.json")]) == 0
+    plain, spread = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("plain", "spread"))
+    assert "meta" in spread["model"]["devices"]
+    assert spread["metrics"]["greedy"] == plain["metrics"]["greedy"]
+    assert spread["metrics"]["ablation_kl"]["all"] == pytest.approx(plain["metrics"]["ablation_kl"]["all"], rel=1e-5)

@@ -503,3 +503,43 @@ def test_recipes_are_as_strict_as_plans(tmp_path, capsys, blocks):
     recipe.write_text(f"version: 1\nname: loose\nselect: {{op: explicit, blocks: {blocks}}}\n")
     err = usage_error(capsys, "recipe", "check", recipe)
     assert "select.blocks[0]" in err or "select.explicit.blocks[0]" in err, err
+
+
+def without_pad_token(tiny, where: Path) -> Path:
+    """A copy of ``tiny`` whose tokenizer declares no pad token, as many Llama checkpoints do."""
+    model = copy_model(tiny, where)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (model / name).is_file():
+            config = json.loads((model / name).read_text())
+            config.pop("pad_token", None)
+            (model / name).write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_a_tokenizer_without_pad_token_changes_no_figure(tmp_path, tiny_models, capsys, family):
+    tiny = tiny_models[family]
+    model = without_pad_token(tiny, tmp_path / "nopad")
+    reports = {}
+    for name, path in (("pad", tiny.path), ("nopad", model)):
+        reports[name] = tmp_path / f"{name}.json"
+        code, _, err = run_cli(capsys, "calibrate", path, "--data", tiny.data, "--batch-size", "3", "-o", reports[name])
+        assert code == 0, err
+    with_pad, without = (json.loads(reports[n].read_text())["metrics"]["block_influence"] for n in ("pad", "nopad"))
+    for modality, values in with_pad.items():
+        assert without[modality] == pytest.approx(values, abs=1e-6, nan_ok=True), modality
+    code, _, err = run_cli(capsys, "prune", model, "--recipe", RECIPES / "explicit.yaml", "-o", tmp_path / "out")
+    assert code == 0, err
+    assert (tmp_path / "out" / "tokenizer_config.json").read_bytes() == (model / "tokenizer_config.json").read_bytes()
+
+
+@pytest.mark.parametrize("extra", [[], ["--out-of-core"], ["--onnx"]], ids=["in-memory", "out-of-core", "onnx"])
+def test_messages_name_final_paths_only(tmp_path, tiny_models, capsys, extra):
+    from compressor import cli
+
+    out = tmp_path / "pruned"
+    code = cli.main(["prune", str(tiny_models["llama"].path), "--recipe", str(RECIPES / "explicit.yaml"), "-o", str(out), *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    said = captured.out + captured.err
+    assert ".tmp-" not in said and f"wrote {out}" in said

@@ -60,8 +60,8 @@ def test_impossible_speedup_gate_fails_with_exit_1(tiny_models, pruned_llava, tm
     assert code == 1
     assert out.startswith("compressor-verdict: FAIL") and "min_speedup=" in out and ":FAILED" in out
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    gate = report["verdict"]["gates"][0]
-    assert gate["name"] == "min_speedup" and not gate["passed"] and gate["margin"] < -90
+    gate = {g["name"]: g for g in report["verdict"]["gates"]}["min_speedup"]
+    assert not gate["passed"] and gate["margin"] < -90
     failure = ElementTree.parse(junit).getroot().find("testcase/failure")
     assert failure is not None and "needs 100.00x" in failure.get("message")
 
@@ -110,17 +110,19 @@ def test_multiple_choice_perplexity_and_fidelity_on_a_known_model(tiny_models):
     assert result["n"] == 3 and result["accuracy"] == pytest.approx(1 / 3)
     assert len({r["prediction"] for r in result["samples"]}) == 1
 
-    text = [Sample(prompt="count to three", answer="one two three")]
+    # Perplexity: prompt-only text, raw (no chat template), every token after the first.
+    text = [Sample(prompt="count to three one two"), Sample(prompt="count to three", answer="one two three")]
     ppl = accuracy.perplexity(model, tokenizer, text)
-    batch = __import__("compressor.data", fromlist=["build_batch"]).build_batch(tokenizer, text, with_answer=True)
+    ids = torch.tensor([tokenizer("count to three one two")["input_ids"]])
     with torch.no_grad():
-        logits = model(**batch.inputs).logits[0, :-1]
-    expected = torch.nn.functional.cross_entropy(logits, batch.inputs["input_ids"][0, 1:]).exp().item()
-    assert ppl["perplexity"] == pytest.approx(expected, rel=1e-5)
+        logits = model(input_ids=ids).logits[0, :-1]
+    expected = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp().item()
+    assert ppl["n"] == 1 and ppl["tokens"] == 4 and ppl["perplexity"] == pytest.approx(expected, rel=1e-5)
 
     same = accuracy.fidelity(model, model, tokenizer, text)
     assert same["kl_mean"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
-    assert same["n_positions"] == 4  # "one two three" and the end-of-turn token
+    # "one two three" and the end-of-turn token of the answer; four raw tokens of the text.
+    assert (same["answer_positions"], same["prompt_positions"], same["n_positions"]) == (4, 4, 8)
 
 
 def test_run_validates_when_given_evaluation_data(tiny_models, tmp_path, capsys):
