@@ -274,7 +274,7 @@ def plan_command(
 ) -> None:
     """Print which blocks RECIPE removes, why, and what remains."""
     from .architectures import adapter_for_config, blocks_of_folder
-    from .calibrate import CalibrationReport
+    from .calibration_report import CalibrationReport
     from .errors import InputError
     from .hub import resolve_model_ref
     from .planner import plan

@@ -120,7 +120,10 @@ def export_onnx(
         (staging / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     log.info(
         # No path: inside `prune --onnx`, `out` is a staging folder renamed before anyone reads this.
-        "exported ONNX (%s layout, verified on %s, max |Δ| = %.3g)", loaded.adapter.onnx, provider, max(c.max_abs_diff for c in checks)
+        "exported ONNX (%s layout, verified on %s, max |Δ| = %.3g)",
+        loaded.adapter.onnx,
+        provider,
+        max(c.max_abs_diff for c in checks),
     )
     return OnnxExportResult(
         path=out.resolve(),

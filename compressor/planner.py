@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .calibrate import MODALITIES, CalibrationReport
+from .calibration_report import MODALITIES, CalibrationReport
 from .errors import InputError, PlanError, RecipeError
 from .inputs import not_unicode, read_input_text
 from .recipe import (

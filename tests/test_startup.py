@@ -1,0 +1,75 @@
+"""Commands that need no model import neither torch nor transformers (seconds and hundreds of
+MB each): `--help`, `recipe check`, `plan` (from a report or a model's config.json), `arch list`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PROBE = """
+import sys
+from compressor.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "transformers", "onnx", "onnxruntime") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def heavy_imports(*args) -> tuple[int, str, list[str]]:
+    done = subprocess.run([sys.executable, "-c", PROBE, "-q", *map(str, args)], capture_output=True, text=True, timeout=120)
+    line = next(line for line in done.stderr.splitlines() if line.startswith("HEAVY:"))
+    return done.returncode, done.stderr, [m for m in line.removeprefix("HEAVY:").split(",") if m]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("startup") / "calibration.json"
+    from compressor import cli
+
+    assert cli.main(["-q", "calibrate", str(tiny_models["llama"].path), "--data", str(tiny_models["llama"].data), "-o", str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["help", "recipe check", "arch list", "plan --model", "plan --calibration"],
+)
+def test_commands_without_a_model_stay_light(command, tiny_models, report):
+    args = {
+        "help": ["--help"],
+        "recipe check": ["recipe", "check", *sorted(RECIPES.glob("*.yaml"))],
+        "arch list": ["arch", "list"],
+        "plan --model": ["plan", "--recipe", RECIPES / "explicit.yaml", "--model", tiny_models["qwen2_vl"].path],
+        "plan --calibration": ["plan", "--recipe", RECIPES / "shortgpt.yaml", "--calibration", report],
+    }[command]
+    code, err, heavy = heavy_imports(*args)
+    assert code == 0, err
+    assert heavy == [], f"`compressor {command}` imported {heavy}"
+
+
+def test_plan_from_config_json_agrees_with_transformers(tiny_models, capsys, tmp_path):
+    """The light path reads the block count where transformers' config would."""
+    from compressor.architectures import adapter_for_config, blocks_of_folder
+    from compressor.loading import load_config
+
+    for tiny in tiny_models.values():
+        config = load_config(tiny.path)
+        assert blocks_of_folder(tiny.path) == (adapter_for_config(config), adapter_for_config(config).num_blocks(config)), tiny.family
+    # A config that leaves the count to its class default falls back to transformers.
+    folder = tmp_path / "defaults"
+    folder.mkdir()
+    config = json.loads((tiny_models["llama"].path / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert blocks_of_folder(folder) is None
+    code, out, err = run_cli(capsys, "plan", "--recipe", RECIPES / "explicit.yaml", "--model", folder)
+    assert code == 0, err
+    assert "of 32 blocks" in out  # LlamaConfig's default
