@@ -10,6 +10,9 @@
    batches, on the demo's LLaVA shape (8 blocks) and on a 30-block Llama: cost in forward
    passes from wall time, from CPU time and from the scans' own block-call counts; and each
    one's peak memory (peak RSS above the loaded model, each in a fresh process).
+4. Command start-up: whole-process wall time of the commands that need no model (`--help`,
+   `recipe check`, `arch list`, `plan --model`) against `import torch, transformers`, which
+   they must not pay (target < 0.5 s each).
 
 Models are random Llama decoders built from config (nothing is downloaded). Timing follows
 the usual protocol: warm-up, repeats, median; synchronised on CUDA, labelled CPU otherwise.
@@ -266,6 +269,36 @@ def payoff(args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
 
 
+def print_startup(repeats: int = 5) -> None:
+    """Section 4: median wall time of whole `compressor` processes that load no model."""
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    with tempfile.TemporaryDirectory() as folder:
+        model = Path(folder) / "model"
+        model.mkdir()
+        LlamaConfig(num_hidden_layers=8, architectures=["LlamaForCausalLM"]).to_json_file(model / "config.json")
+        commands = {
+            "compressor --help": ["--help"],
+            "compressor recipe check recipes/*.yaml": ["recipe", "check", *map(str, sorted(recipes.glob("*.yaml")))],
+            "compressor arch list": ["arch", "list"],
+            "compressor plan --recipe explicit.yaml --model M": ["plan", "--recipe", str(recipes / "explicit.yaml"), "--model", str(model)],
+        }
+        rows = [("command", "median s", f"of {repeats}")]
+        for label, args in {**commands, 'python -c "import torch, transformers"': None}.items():
+            argv = (
+                [sys.executable, "-c", "import torch, transformers"] if args is None else [sys.executable, "-m", "compressor", "-q", *args]
+            )
+            times = []
+            for _ in range(repeats + 1):  # the first run warms the page cache, untimed
+                started = time.perf_counter()
+                subprocess.run(argv, check=True, capture_output=True)
+                times.append(time.perf_counter() - started)
+            rows.append((label, f"{statistics.median(times[1:]):.2f}", ""))
+    print("\n4. command start-up (whole processes; commands that load no model must not import torch/transformers)")
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -283,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.only_functional:
         payoff(args)
     print_functional()
+    if not args.only_functional:
+        print_startup()
 
 
 if __name__ == "__main__":
