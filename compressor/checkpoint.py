@@ -54,8 +54,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # safetensors refuses headers above 100 MB; a bigger length field means a corrupt file.
 HEADER_LIMIT = 100_000_000
-# Big enough that syscall overhead vanishes next to the copy, small next to any RSS budget.
-DEFAULT_CHUNK_SIZE = 8 << 20
+# Big enough that syscall overhead vanishes (about 1000 reads and writes per GB), small enough
+# that the HASH_DEPTH buffers stay in the CPU caches while two threads hand them over: 8 MiB
+# chunks measured slow more often (1.3 GB in 0.65 to 2.5 s, against 0.65 to 1.3 s).
+DEFAULT_CHUNK_SIZE = 1 << 20
 
 # Element sizes of the safetensors dtypes. Output tensors are ordered by decreasing element
 # size (as safetensors itself writes them) so that, with an 8-byte aligned data buffer, every
@@ -89,9 +91,10 @@ _LINEAGE_FILES = frozenset({"README.md", "plan.json", "recipe.yaml", "calibratio
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 
 # Copy buffers in flight between the copying thread and the hashing one: one is hashed while
-# the next is read and written, a third absorbs the jitter between the two (measured on 1.2 GB:
-# 3 beat 2 and 4, at 1 to 8 MiB chunks).
-HASH_DEPTH = 3
+# the next ones are read and written. Measured (1.3 GB, 0.5 to 4 MiB chunks): 2 buffers leave
+# one thread waiting on the other (0.9 to 1.5 s), 3 and 4 reach the hash-bound 0.66 s; 4 also
+# held up best with another process busy on the second core.
+HASH_DEPTH = 4
 
 Progress = Callable[[int, int], None]  # (tensor bytes copied so far, tensor bytes in total)
 
@@ -426,11 +429,17 @@ class HashingWriter:
     written byte's hash, so the bytes must enter the process once anyway. A kernel copy then a
     hashing read of the output costs the copy plus the hash; reading each chunk into a buffer,
     writing it, and hashing it in a second thread (hashlib releases the GIL) while the next
-    chunk is read and written costs about the larger of the two. Measured on a 1.3 GB
-    checkpoint (`bench_checkpoint`; 2 cores, ext4, warm page cache): 0.93 s for kernel copy +
-    hash, 0.60 s for this, SHA-256 (1.8 GB/s with SHA-NI) being the bound either way. A kernel
-    copy would only win where it moves no data at all (reflinks), and tensor ranges at new
-    offsets rarely line up with file-system blocks.
+    chunks are read and written costs about the larger of the two. Measured on the 1.3 GB
+    checkpoint of `bench_checkpoint` (2 cores, ext4, warm page cache, median of 3-5): with the
+    second core free, 1.02 s for kernel copy + hash against 0.65 s for this, SHA-256 (1.9 GB/s
+    with SHA-NI) being the bound, though this VM now and then gives 1.3 s (two threads touch
+    each chunk: likely costly when its vCPUs sit far apart); with another process busy on the
+    second core, everything runs on one core and kernel copy + hash (1.0 to 1.1 s) is up to
+    1.3x faster. A free core is the usual case for a batch job like this one, hence this
+    design. It also never reads a byte twice, where the hashing read of a kernel copy could
+    go back to the disk for shards bigger than the free page cache (checkpoints bigger than
+    RAM are what this module is for), and it needs no fallbacks for file systems or kernels
+    that refuse in-kernel copies.
     """
 
     def __init__(self, dst: io.FileIO, chunk_size: int = DEFAULT_CHUNK_SIZE):
@@ -475,10 +484,10 @@ class HashingWriter:
         return FileHash(size=self.size, sha256=self._sha.hexdigest())
 
     def _append(self, view: memoryview, buffer: bytearray | None) -> None:
-        # Hashing starts before the write: both only read the chunk.
-        self._pending.append((self._hasher.submit(self._sha.update, view), buffer))
         write_all(self.dst, view)
         self.size += len(view)
+        # Hashed in the other thread while the next chunks are read and written.
+        self._pending.append((self._hasher.submit(self._sha.update, view), buffer))
 
     def _free_buffer(self) -> bytearray:
         """A buffer no pending hash reads: a new one until there are `HASH_DEPTH`, then the

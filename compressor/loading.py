@@ -203,11 +203,19 @@ def _assemble_processor(path: Path, trust_remote_code: bool) -> Any:
             transformers.AutoVideoProcessor.from_pretrained(path, **code) if is_torchvision_available() else video_processor_placeholder()
         ),
     }
-    if processor_class is None or any(part not in loaders for part in processor_class.attributes):
+    attributes = _processor_parts(processor_class) if processor_class is not None else None
+    if attributes is None or any(part not in loaders for part in attributes):
         return transformers.AutoProcessor.from_pretrained(path, **code)
-    parts = [loaders[part]() for part in processor_class.attributes]
+    parts = [loaders[part]() for part in attributes]
     processor_dict, _ = processor_class.get_processor_dict(path)  # chat template, image_seq_len, ...
     return processor_class.from_args_and_dict(parts, processor_dict)
+
+
+def _processor_parts(processor_class: type) -> list[str]:
+    """The names of a processor's parts in constructor order: the ``attributes`` class list in
+    transformers 4.x, ``get_attributes()`` (read from ``__init__``'s signature) in 5.x."""
+    getter = getattr(processor_class, "get_attributes", None)
+    return list(getter() if getter is not None else processor_class.attributes)
 
 
 def _saved_processor_class(path: Path) -> str | None:
@@ -241,13 +249,35 @@ def _summarise(device_map: dict[str, Any]) -> str:
     return ", ".join(f"{where}: {n} module(s)" for where, n in counts.items())
 
 
-class ImageOnlyVideoProcessor(transformers.BaseVideoProcessor):
+def _video_processor_base() -> type:
+    """The class a processor checks its ``video_processor`` argument against.
+
+    transformers 4.x checks against ``transformers.BaseVideoProcessor`` (without torchvision, a
+    dummy that must not be initialised). 5.x checks against ``VideoProcessorMixin``, which
+    ``transformers.video_processing_utils`` defines without torchvision, but which the top-level
+    ``transformers`` module exports only with torchvision; the processor's class check then looks
+    the name up in ``VIDEO_PROCESSOR_MAPPING``, itself a torchvision placeholder, and fails with
+    "type object 'VIDEO_PROCESSOR_MAPPING' has no attribute '_extra_content'" for any argument.
+    Exporting the genuine class under the name the check asks for is what transformers does
+    itself when torchvision is installed, so nothing else changes.
+    """
+    from transformers import video_processing_utils
+
+    mixin = getattr(video_processing_utils, "VideoProcessorMixin", None)
+    if mixin is None:  # 4.x
+        return transformers.BaseVideoProcessor
+    if not hasattr(transformers, "VideoProcessorMixin"):
+        transformers.VideoProcessorMixin = mixin
+    return mixin
+
+
+class ImageOnlyVideoProcessor(_video_processor_base()):
     """A video processor for image-only use where torchvision is missing; it refuses videos.
 
     Processors such as Qwen2-VL's require a video processor object, and every real one needs
-    torchvision. This one subclasses the class transformers checks against (without
-    torchvision, a dummy that must not be initialised), saves nothing, and fails clearly if
-    it is ever given a video.
+    torchvision. This one subclasses the class transformers checks against (see
+    `_video_processor_base`; never initialised), saves nothing, and fails clearly if it is ever
+    given a video.
     """
 
     model_input_names: list[str] = []

@@ -62,7 +62,17 @@ def greedy_without_cache(model, inputs: dict, steps: int, *, suppress: list[int]
 def placeholder_ids(processor) -> list[int]:
     """Special tokens a processor expands or wraps around images: not to be generated, since a
     cache-free reference would feed them back without their pixels."""
-    return tokenizer_of(processor).additional_special_tokens_ids
+    tokenizer = tokenizer_of(processor)
+    # transformers 5 renamed the list of unnamed special tokens to extra_special_tokens.
+    ids = getattr(tokenizer, "additional_special_tokens_ids", None)
+    return ids if ids is not None else tokenizer.extra_special_tokens_ids
+
+
+def attention_type(block) -> str:
+    """A block's attention type as its modules hold it: the block's ``attention_type`` in
+    transformers 4.x, its attention's ``layer_type`` in 5.x."""
+    kind = getattr(block, "attention_type", None)
+    return kind if kind is not None else block.self_attn.layer_type
 
 
 REMOVALS = {"middle": [2, 3], "first": [0], "last": [5], "scattered": [0, 2, 5]}
@@ -104,7 +114,7 @@ def test_renumbering_and_config_lists():
     assert model.config.layer_types == [before[i] for i in (0, 2, 3, 5)]
     assert model.config.max_window_layers == 1  # one kept block (0) below the old value 2
     assert [block.self_attn.layer_idx for block in model.model.layers] == [0, 1, 2, 3]
-    assert [block.attention_type for block in model.model.layers] == model.config.layer_types
+    assert [attention_type(block) for block in model.model.layers] == model.config.layer_types
 
 
 def test_check_invariants_catches_a_missed_renumber():
@@ -181,14 +191,14 @@ def test_per_layer_config_after_pruning(family, removed, tmp_path):
             assert getattr(config, key) == sum(1 for i in kept if i < value)
         for key in adapter.layer_period_fields:
             assert getattr(config, key) == layer_period(config.layer_types)
-    assert [block.attention_type for block in adapter.blocks(model)] == text.layer_types
+    assert [attention_type(block) for block in adapter.blocks(model)] == text.layer_types
     assert [block.self_attn.sliding_window for block in adapter.blocks(model)] == [windows[i] for i in kept]
 
     model.save_pretrained(tmp_path)
     reloaded_config = AutoConfig.from_pretrained(tmp_path)  # validates layer_types against the count
     assert adapter.text_config(reloaded_config).layer_types == text.layer_types
     reloaded = type(model).from_pretrained(tmp_path)
-    assert [block.attention_type for block in adapter.blocks(reloaded)] == text.layer_types
+    assert [attention_type(block) for block in adapter.blocks(reloaded)] == text.layer_types
     assert [block.self_attn.sliding_window for block in adapter.blocks(reloaded)] == [windows[i] for i in kept]
     for key in adapter.layer_period_fields:
         assert getattr(adapter.text_config(reloaded.config), key) == getattr(text, key)
@@ -206,9 +216,13 @@ def test_gemma3_sliding_window_pattern_follows_layer_types():
     apply_plan(model, make_plan([0, 3]), adapter)
     assert model.config.text_config._sliding_window_pattern == 2
     assert model.config.text_config.sliding_window_pattern == 2
-    local = model.model.language_model.rotary_emb_local.config  # a deep copy of the text config
-    assert local is not model.config.text_config
-    assert (local.num_hidden_layers, local.layer_types, local._sliding_window_pattern) == (4, model.config.text_config.layer_types, 2)
+    text = model.config.text_config
+    copies = [m.config for m in model.modules() if type(getattr(m, "config", None)) is type(text)]
+    local = getattr(model.model.language_model, "rotary_emb_local", None)
+    if local is not None:  # transformers 4.x: the local rotary embedding holds a deep copy of the text config
+        assert local.config is not text and any(config is local.config for config in copies)
+    for config in copies:
+        assert (config.num_hidden_layers, config.layer_types, config._sliding_window_pattern) == (4, text.layer_types, 2)
     model.config.text_config._sliding_window_pattern = 3
     with pytest.raises(SurgeryError, match="_sliding_window_pattern = 3 does not describe layer_types"):
         check_invariants(model, adapter)

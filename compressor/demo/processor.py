@@ -70,6 +70,13 @@ def build_tokenizer(
         # No token_type_ids: decoder models reject them in generate().
         model_input_names=["input_ids", "attention_mask"],
     )
+    # transformers 5 reads `additional_special_tokens` only when no `extra_special_tokens` are
+    # given (its new name for the list), and reads a dict there as named tokens: the list above
+    # is then dropped and "<image>" splits into "<unk>"s. Registering what is missing afterwards
+    # works in every version (the tokens are in the vocabulary already, so no id changes).
+    extras = list(dict.fromkeys([IMAGE, *added]))
+    if any(token not in tokenizer.all_special_tokens for token in extras):
+        tokenizer.add_special_tokens({"additional_special_tokens": extras})
     return tokenizer
 
 
