@@ -595,6 +595,12 @@ def export_onnx_command(
     "--allow-no-gates", is_flag=True, help="Exit 0 when no gate is set (the verdict still says NO-GATES, never PASS). Off: exit 1."
 )
 @click.option(
+    "--no-recipe-gates",
+    is_flag=True,
+    help="Gate only on the options given here, not on the recipe's validate: section (e.g. a perplexity gate on plain text "
+    "for a model whose recipe gates accuracy).",
+)
+@click.option(
     "--format",
     "text_format",
     type=click.Choice(["auto", "chat", "raw"]),
@@ -634,6 +640,7 @@ def validate_command(
     min_speedup: float | None,
     recipe: Path | None,
     allow_no_gates: bool,
+    no_recipe_gates: bool,
     text_format: str,
     num_samples: int | None,
     batch_size: int,
@@ -655,10 +662,12 @@ def validate_command(
 
     Exit 1 when a gate fails or when no gate was set (unless --allow-no-gates); 2 when a gate
     cannot be evaluated on the data (checked before the models load)."""
-    from .validate import TASKS, thresholds_from_recipe, validate
+    from .validate import TASKS, Gates, thresholds_from_recipe, validate
 
     pruned_dir = Path(pruned)
-    gates = thresholds_from_recipe(pruned_dir, recipe).override(
+    if no_recipe_gates and recipe:
+        raise InputError("--no-recipe-gates and --recipe contradict each other.", fix="drop one of them.")
+    gates = (Gates() if no_recipe_gates else thresholds_from_recipe(pruned_dir, recipe)).override(
         max_accuracy_drop=max_accuracy_drop,
         max_relative_drop=max_relative_drop,
         max_perplexity_increase=max_perplexity_increase,

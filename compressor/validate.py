@@ -339,7 +339,7 @@ def check_gates(gates: Gates, samples: list[Any], *, tasks: tuple[str, ...] = TA
         raise InputError(
             f"{len(problems)} gate(s) cannot be evaluated on this data ({len(samples)} samples: {held}):\n{listed}",
             fix="evaluate on data that has what each gate needs, or drop the gate: it comes from its option or a recipe's "
-            "validate: section (`validate --recipe FILE` takes the gates of another recipe than the exported one).",
+            "validate: section (`validate --no-recipe-gates` gates on the options alone, `--recipe FILE` on another recipe's).",
         )
 
 

@@ -237,3 +237,17 @@ def test_evidence_thresholds_and_verdict_arithmetic():
     nothing = evaluate_gates(report, Gates())
     assert (nothing["status"], nothing["passed"], nothing["gates"]) == ("NO-GATES", False, [])
     assert nothing["summary"].startswith("no gates evaluated")
+
+
+def test_no_recipe_gates_replaces_an_exported_accuracy_gate_on_plain_text(tiny_models, text_data, tmp_path, capsys):
+    """A checkpoint whose recipe gates accuracy, checked on plain text: the recipe's gate cannot be
+    read (exit 2, pointing at --no-recipe-gates), and with that flag the perplexity gate alone decides."""
+    base = tiny_models["llama"].path
+    pruned = tmp_path / "pruned"
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    assert run_cli(capsys, "prune", base, "--recipe", recipes / "explicit.yaml", "-o", pruned)[0] == 0
+    code, _, err = validate(capsys, base, pruned, text_data, tmp_path / "r1", "--max-perplexity-increase", "100")
+    assert code == 2 and "max_accuracy_drop" in err and "--no-recipe-gates" in err, err
+    code, out, err = validate(capsys, base, pruned, text_data, tmp_path / "r2", "--max-perplexity-increase", "100", "--no-recipe-gates")
+    assert code == 0, err
+    assert out.startswith("compressor-verdict: PASS max_perplexity_increase=") and "max_accuracy_drop" not in out
