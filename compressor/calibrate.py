@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from .data import Sample, build_batch, plan_batches
 from .distributed import Group
 from .errors import UnsupportedArchitectureError
 from .loading import input_device
+from .provenance import environment
 
 log = logging.getLogger(__name__)
 
@@ -306,13 +306,3 @@ def calibrate(
         environment={**environment(), "processes": str(group.world_size)},
         timings={"geometric_s": round(geometric, 4), **timings},
     )
-
-
-def environment() -> dict[str, str]:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }

@@ -3,7 +3,7 @@ was verified, and — when a validation report exists — its accuracy and laten
 ``model-index`` metadata.
 
 One renderer serves both places a card is written: the export (from what it has in memory,
-`CardFacts` built by `export.write_provenance`) and `push` (from what the folder holds,
+`CardFacts` built by `provenance.write_provenance`) and `push` (from what the folder holds,
 `facts_from_folder`). The card states only what compressor measured or did; without a
 validation report it makes no accuracy claim.
 """

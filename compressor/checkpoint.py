@@ -4,9 +4,13 @@ Owns: parsing safetensors headers; mapping tensor names through a `SurgeryPlan` 
 removed blocks' tensors, renumber the kept blocks' tensors, keep everything else); writing
 new safetensors files whose tensor bytes are copied from the source by offset in bounded
 chunks; the shard index; and the rest of the output folder (config re-indexed with
-`surgery.reindex_config`, tokenizer/processor/generation files copied, plan, recipe,
-calibration and model card through `export.write_provenance`), staged so nothing is
+`reindex.reindex_config`, tokenizer/processor/generation files copied, plan, recipe,
+calibration and model card through `provenance.write_provenance`), staged so nothing is
 half-written.
+
+Neither torch nor transformers is imported: config.json is edited as JSON by the same rules
+as a config in memory (`reindex.read_config_json` says when that is enough; otherwise
+transformers reads and writes it, and its import is paid).
 
 Memory stays at `HASH_DEPTH` copy buffers (``chunk_size`` bytes each) plus the headers,
 whatever the model size: no tensor is deserialised, no torch storage is created, and no GPU is
@@ -38,15 +42,14 @@ from typing import Any, NoReturn
 from safetensors import safe_open
 
 from .architectures import Adapter
-from .calibrate import CalibrationReport
+from .calibration_report import CalibrationReport
 from .errors import CheckpointError, InputError, InsufficientSpaceError, PlanError, SurgeryError
-from .export import copy_tokenizer_files, strip_remote_code, write_provenance
 from .hub import ModelSource
-from .loading import load_config
 from .manifest import FileHash
 from .planner import SurgeryPlan
+from .provenance import copy_tokenizer_files, strip_remote_code, write_provenance
+from .reindex import JsonConfig, read_config_json, reindex_config, write_config_json
 from .staging import refuse_existing, staged_dir
-from .surgery import reindex_config
 
 log = logging.getLogger(__name__)
 
@@ -585,13 +588,14 @@ def rewrite_checkpoint(
     if out == source_dir:
         raise InputError(f"Output '{out}' is the source checkpoint itself.", fix="write the pruned checkpoint to another folder.")
     refuse_existing(out, overwrite)  # before reading any header
-    config = load_config(source_dir, trust_remote_code=source is not None and source.trust_remote_code)
+    trusted = source is not None and source.trust_remote_code
+    raw = read_config_json(source_dir, adapter)
+    config = JsonConfig(raw) if raw is not None else _transformers_config(source_dir, trusted)
     _check_plan(config, plan, adapter, source_dir)
     checkpoint = read_checkpoint(source_dir)
     names = BlockNames.for_plan(adapter, plan)
     check_blocks(checkpoint, names, plan.num_blocks)
     shards, dropped = plan_shards(checkpoint, names)
-    trusted = source is not None and source.trust_remote_code
     copied, skipped = _other_files(source_dir, checkpoint, code=trusted)
     _check_space(out, sum(len(s.header) + s.data_bytes for s in shards) + sum(p.stat().st_size for p in copied))
 
@@ -602,7 +606,10 @@ def rewrite_checkpoint(
         if checkpoint.index is not None:
             hashes[INDEX_NAME] = _write_index(staging / INDEX_NAME, checkpoint.index, shards)
         reindex_config(adapter.text_config(config), adapter, plan.kept)
-        config.save_pretrained(staging)
+        if raw is not None:
+            write_config_json(staging / "config.json", raw)
+        else:
+            config.save_pretrained(staging)
         strip_remote_code(staging, trusted=trusted)
         for path in copied:
             shutil.copyfile(path, staging / path.name)
@@ -645,6 +652,14 @@ def rewrite_checkpoint(
         result.bytes_written / 1e9,
     )
     return result
+
+
+def _transformers_config(folder: Path, trusted: bool) -> Any:
+    """The config as transformers reads it, for a config.json that leaves something the rules
+    read to its class's defaults (or ships code): imported here, since only then is it needed."""
+    from .loading import load_config
+
+    return load_config(folder, trust_remote_code=trusted)
 
 
 def _check_plan(config: Any, plan: SurgeryPlan, adapter: Adapter, folder: Path) -> None:

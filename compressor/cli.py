@@ -7,6 +7,7 @@ error. Tracebacks only with `-v`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ import click
 from .errors import CompressorError, InputError
 
 log = logging.getLogger("compressor")
-_state = {"verbose": False, "quiet": False}
+_state = {"verbose": False, "quiet": False, "bars_off": False}
 
 
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -52,6 +53,34 @@ def _configure_logging() -> None:
         sys.modules["transformers"].logging.set_verbosity(getattr(sys.modules["transformers"].logging, verbosity.upper()))
     else:
         os.environ["TRANSFORMERS_VERBOSITY"] = verbosity
+    _configure_progress_bars()
+
+
+def _configure_progress_bars() -> None:
+    """--quiet promises no progress bars, and transformers draws its own: 5.x for every model it
+    loads or saves ("Loading weights", "Writing model shards"), 4.x for sharded checkpoints; as
+    huggingface_hub does for downloads. Both take HF_HUB_DISABLE_PROGRESS_BARS when imported
+    (importing them here would slow every command); once imported, their switches are flipped.
+    Only what --quiet turned off is turned back on (the CLI may run more than once in a process)."""
+    off = _state["quiet"]
+    if off == _state["bars_off"]:
+        return
+    _state["bars_off"] = off
+    hub, transformers = sys.modules.get("huggingface_hub"), sys.modules.get("transformers")
+    if off and hub is None:
+        _state["bars_env"] = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    elif "bars_env" in _state and not off:
+        before = _state.pop("bars_env")
+        if before is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = before
+    if hub is not None:
+        hub_utils = importlib.import_module("huggingface_hub.utils")
+        (hub_utils.disable_progress_bars if off else hub_utils.enable_progress_bars)()
+    if transformers is not None:
+        (transformers.logging.disable_progress_bar if off else transformers.logging.enable_progress_bar)()
 
 
 def _verbosity(command: Any) -> Any:
@@ -353,12 +382,13 @@ def prune_command(
     from .pipeline import prune, prune_out_of_core
     from .recipe import load_recipe
 
-    placement = _placement(kwargs)
     _single_process("prune")
     recipe_file = load_recipe(recipe) if recipe else None
     if out_of_core:
-        if placement.device_map:
-            raise InputError("--out-of-core loads no model, so --device-map has nothing to place.", fix="drop one of them.")
+        # The placement options are refused unparsed: `_placement` imports torch, which this path never needs.
+        placed = [f"--{key.replace('_', '-')}" for key in ("device_map", "max_memory", "offload_folder") if kwargs.get(key)]
+        if placed:
+            raise InputError(f"--out-of-core loads no model, so {placed[0]} has nothing to place.", fix="drop one of them.")
         if data is not None:
             raise InputError(
                 "--out-of-core cannot calibrate on --data: calibration needs the model in memory.",
@@ -376,6 +406,7 @@ def prune_command(
             trust_remote_code=trust_remote_code,
         )
     else:
+        placement = _placement(kwargs)
         result = prune(
             model,
             output,

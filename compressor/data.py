@@ -277,8 +277,15 @@ def takes_suffix(processor: Any) -> bool:
 
 @functools.cache
 def _declares_suffix(processor_class: type) -> bool:
+    # transformers 5 names ``suffix`` in the signature; 4.x declares it in the typed text kwargs.
     try:
-        annotation = inspect.signature(processor_class.__call__).parameters["kwargs"].annotation
+        parameters = inspect.signature(processor_class.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    if "suffix" in parameters:
+        return True
+    try:
+        annotation = parameters["kwargs"].annotation
         declared = typing.get_args(annotation)[0]  # Unpack[XProcessorKwargs]
         text_kwargs = typing.get_type_hints(declared)["text_kwargs"]
         return "suffix" in typing.get_type_hints(text_kwargs)

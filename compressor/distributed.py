@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TypeVar
-
-import torch
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where a call needs it: `prune` checks `from_environment` and stays light
+    import torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +49,7 @@ class Group:
         """Sum a CPU float64 tensor over the processes, in place (a no-op in one process)."""
         if not self.distributed:
             return
+        import torch
         import torch.distributed as dist
 
         if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
@@ -67,6 +69,8 @@ class Group:
         """Each process's own GPU (the one `initialise` made current) unless one was named; CPU stays CPU."""
         if not self.distributed or requested not in (None, "auto", "cuda"):
             return requested
+        import torch
+
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
     def gpus(self, count: int) -> list[int]:
@@ -100,6 +104,7 @@ def initialise(group: Group) -> Group:
     """Join the process group torchrun set up (NCCL when every process has a GPU, else gloo)."""
     if not group.distributed:
         return group
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():

@@ -1,14 +1,14 @@
 """Hugging Face export of a pruned model, verified before it is reported done.
 
 The folder gets safetensors weights, config, generation config, processor/tokenizer files,
-the recipe, the plan, the calibration report (when there was one) and a model card. Before
+the recipe, the plan, the calibration report (when there was one) and a model card (those
+files beside the weights through `provenance`, shared with the out-of-core rewrite). Before
 the folder takes its final name, it is reloaded with ``from_pretrained``: no missing or
 unexpected keys, the block count as planned, and logits equal to the in-memory model's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from .architectures import Adapter
-from .calibrate import CalibrationReport, environment
-from .card import RELOAD_VERIFIED, CardFacts, render_card
+from .calibration_report import CalibrationReport
 from .data import Sample, build_batch, is_multimodal
 from .errors import VerificationError
-from .hub import ModelSource, base_license
+from .hub import ModelSource
 from .planner import SurgeryPlan
+from .provenance import copy_tokenizer_files, strip_remote_code, write_provenance
 from .staging import staged_dir
 from .surgery import count_parameters
 
@@ -33,28 +33,6 @@ log = logging.getLogger(__name__)
 
 # float32 save/load is bit-exact on one device; the slack covers kernels that reorder sums.
 LOGITS_TOLERANCE = 1e-5
-
-# The tokenizer and processor files a checkpoint may carry. They reach the export byte for byte
-# from the source: `save_pretrained` of a loaded tokenizer drops files it does not use (a
-# SentencePiece `tokenizer.model` beside `tokenizer.json`), and clients such as llama.cpp's
-# converter build their vocabulary from exactly those files.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "*.model",  # SentencePiece: tokenizer.model, spiece.model, ...
-    "*.tiktoken",
-    "*.jinja",
-    "additional_chat_templates/*.jinja",
-)
 
 
 @dataclass(frozen=True)
@@ -127,86 +105,6 @@ def export_hf(
     # No path here: `out` may be a staging folder that is renamed before the user reads this.
     log.info("exported and reload-verified (max |Δlogits| = %.3g)", diff)
     return ExportResult(path=out.resolve(), max_abs_diff=diff, params_before=params_before, params_after=params_after)
-
-
-def write_provenance(
-    folder: Path,
-    *,
-    name: str,
-    adapter: Adapter,
-    plan: SurgeryPlan,
-    params_before: int,
-    params_after: int,
-    source: ModelSource | None = None,
-    recipe_text: str | None = None,
-    calibration: CalibrationReport | None = None,
-    verification: str = RELOAD_VERIFIED,
-) -> None:
-    """Write what explains a pruned checkpoint: recipe.yaml, plan.json, calibration.json, README.md.
-
-    Shared by the in-memory export and the out-of-core rewrite (`checkpoint.py`), so both
-    folders carry the same lineage files and the same model card.
-    """
-    if recipe_text is not None:
-        (folder / "recipe.yaml").write_text(recipe_text)
-    plan.save(folder / "plan.json")
-    if calibration is not None:
-        calibration.save(folder / "calibration.json")
-    facts = CardFacts(
-        name=name,
-        plan=plan,
-        family=adapter.family,
-        multimodal=adapter.multimodal,
-        params_before=params_before,
-        params_after=params_after,
-        source=source_facts(source),
-        versions=environment(),
-        checks=[{"detail": verification}],
-        calibration=calibration.to_dict() if calibration else None,
-        recipe_text=recipe_text,
-    )
-    (folder / "README.md").write_text(render_card(facts))
-
-
-def source_facts(source: ModelSource | None) -> dict[str, Any]:
-    """What the manifest and the card say about the base model (never a local path)."""
-    if source is None:
-        return {}
-    return {
-        "ref": source.public_name,
-        "hub_id": source.hub_id,
-        "revision": source.revision,
-        "license": base_license(source.path),
-        "trust_remote_code": source.trust_remote_code,
-    }
-
-
-def tokenizer_files(folder: Path) -> list[Path]:
-    """The tokenizer/processor files of ``folder`` (`TOKENIZER_FILES`), as paths relative to it."""
-    found = {path for pattern in TOKENIZER_FILES for path in folder.glob(pattern) if path.is_file()}
-    return sorted(path.relative_to(folder) for path in found)
-
-
-def copy_tokenizer_files(source: Path, out: Path) -> list[Path]:
-    """Copy every tokenizer/processor file of ``source`` into ``out``, byte for byte, replacing
-    what `save_pretrained` wrote there; returns the copied relative paths."""
-    copied = tokenizer_files(source)
-    for relative in copied:
-        (out / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / relative, out / relative)
-    return copied
-
-
-def strip_remote_code(folder: Path, *, trusted: bool) -> None:
-    """Drop ``auto_map`` from the exported config.json unless the user trusted the model's code:
-    an export must not point loaders at Python files it does not carry (or that nobody vetted)."""
-    path = folder / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if trusted or "auto_map" not in config:
-        return
-    del config["auto_map"]
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    log.info("dropped auto_map from the exported config.json (the model's own code is not trusted)")
 
 
 def verify_reload(model: Any, processor: Any, adapter: Adapter, folder: Path, samples: list[Sample]) -> float:

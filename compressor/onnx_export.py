@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from .architectures import ADAPTERS, Adapter
-from .calibrate import environment
 from .data import build_batch
 from .errors import UnsupportedArchitectureError, VerificationError
 from .export import verification_samples
@@ -37,6 +36,7 @@ from .loading import LoadedModel, load_model
 from .onnx_graphs import Decoder, DecoderSpec, TokenEmbedding, VisionEncoder, decoder_io, decoder_spec, export_graph
 from .onnx_runtime import METADATA, METADATA_FORMAT, SplitRunner, session
 from .onnx_verify import DEFAULT_TOLERANCE, DecoderProbe, GraphCheck, raise_on_failure, verify_decoder, verify_outputs
+from .provenance import environment
 from .staging import refuse_existing, staged_dir
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,10 @@
 `run` writes everything of one recipe run under one folder (calibration.json, plan.json,
 hf/). Both check the output path before loading anything, and stage their output so that a
 failure — a failed ONNX verification included — leaves nothing behind.
+
+`prune_out_of_core` never builds a model, so it must not pay for torch and transformers
+(seconds, before a copy that takes less): the modules that import them are imported inside
+the functions of the in-memory path (and of ONNX export), never at the top of this module.
 """
 
 from __future__ import annotations
@@ -13,24 +17,27 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .architectures import Adapter, adapter_for_config
-from .calibrate import CalibrationOptions, CalibrationReport, calibrate, environment
+from .architectures import Adapter, adapter_for_config, blocks_of_folder
+from .calibration_report import CalibrationReport
 from .card import RELOAD_VERIFIED, facts_from_folder, render_card
 from .checkpoint import VERIFIED_OUT_OF_CORE, CheckpointResult, rewrite_checkpoint
-from .data import Sample, file_sha256, load_samples
-from .distributed import Group
 from .errors import InputError, PlanError, SurgeryError
-from .export import ExportResult, export_hf, source_facts
 from .hub import ModelSource, resolve_model_ref
-from .loading import LoadedModel, Placement, load_config, load_model
 from .manifest import write_manifest
-from .onnx_export import OnnxExportResult, export_onnx
 from .planner import SurgeryPlan, plan
+from .provenance import environment, source_facts
 from .recipe import FUNCTIONAL_METRICS, Conditions, ExportOptions, Greedy, Lowest, Recipe, RecipeFile, Span, load_recipe
 from .staging import check_output, output_lock, staged_dir
-from .surgery import apply_plan, count_parameters
+
+if TYPE_CHECKING:  # these import torch (and transformers): see the module docstring
+    from .calibrate import CalibrationOptions
+    from .data import Sample
+    from .distributed import Group
+    from .export import ExportResult
+    from .loading import LoadedModel, Placement
+    from .onnx_export import OnnxExportResult
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,11 @@ def write_checkpoint(
         hf = staging / "hf"
         result = write(hf, False)
         _check_written_blocks(hf, adapter, plan, source)
-        graphs = export_onnx(hf, hf / "onnx", tolerance=onnx) if onnx is not None else None
+        graphs = None
+        if onnx is not None:
+            from .onnx_export import export_onnx  # torch, onnx: only when ONNX is asked for
+
+            graphs = export_onnx(hf, hf / "onnx", tolerance=onnx)
         for entry in list(hf.iterdir()):
             entry.rename(staging / entry.name)
         hf.rmdir()
@@ -95,8 +106,7 @@ def write_checkpoint(
 
 def _check_written_blocks(folder: Path, adapter: Adapter, plan: SurgeryPlan, source: ModelSource) -> None:
     """The manifest and card state the plan's block counts: hold them to what was written."""
-    config = load_config(folder, trust_remote_code=source.trust_remote_code)
-    written = adapter.num_blocks(config)
+    written = declared_blocks(folder, source)[1]
     if written != len(plan.kept):
         raise SurgeryError(
             f"The written config declares {written} blocks, but the plan keeps {len(plan.kept)} of {plan.num_blocks}.",
@@ -104,10 +114,23 @@ def _check_written_blocks(folder: Path, adapter: Adapter, plan: SurgeryPlan, sou
         )
 
 
+def declared_blocks(folder: Path, source: ModelSource) -> tuple[Adapter, int]:
+    """The family and block count of ``folder``'s config: from config.json as JSON when it states
+    them (`architectures.blocks_of_folder`), else as transformers reads it (its import paid)."""
+    found = blocks_of_folder(folder)
+    if found is not None:
+        return found
+    from .loading import load_config
+
+    config = load_config(folder, trust_remote_code=source.trust_remote_code)
+    adapter = adapter_for_config(config)
+    return adapter, adapter.num_blocks(config)
+
+
 def _reload_check(result: ExportResult | CheckpointResult) -> dict[str, Any]:
-    if isinstance(result, ExportResult):
-        return {"check": "hf-reload", "passed": True, "max_abs_diff": result.max_abs_diff, "detail": RELOAD_VERIFIED}
-    return {"check": "out-of-core-headers", "passed": True, "detail": VERIFIED_OUT_OF_CORE}
+    if isinstance(result, CheckpointResult):
+        return {"check": "out-of-core-headers", "passed": True, "detail": VERIFIED_OUT_OF_CORE}
+    return {"check": "hf-reload", "passed": True, "max_abs_diff": result.max_abs_diff, "detail": RELOAD_VERIFIED}
 
 
 def _onnx_check(graphs: OnnxExportResult, tolerance: float) -> dict[str, Any]:
@@ -129,6 +152,8 @@ def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationO
 
     Whatever the recipe's selection reads (an epsilon, a span length) is always measured.
     """
+    from .calibrate import CalibrationOptions
+
     options = CalibrationOptions()
     if recipe is not None:
         c = recipe.calibration
@@ -185,6 +210,9 @@ def run_calibration(
     group: Group | None = None,
 ) -> tuple[CalibrationReport, list[Sample]]:
     """Calibrate on ``data`` (its ``samples``, when already read and checked)."""
+    from .calibrate import calibrate
+    from .data import file_sha256, load_samples
+
     samples = samples if samples is not None else load_samples(data, limit=options.num_samples)
     report = calibrate(
         loaded.model,
@@ -218,12 +246,18 @@ def read_inputs(
     data: Path | None,
     calibration: Path | str | None,
     plan_file: Path | str | None,
-    options: CalibrationOptions,
+    options: CalibrationOptions | None,
     allow_outside_data: bool,
 ) -> Inputs:
+    """Read and check every input; ``options`` says how many samples of ``data`` to read."""
+    samples = None
+    if data is not None:
+        from .data import load_samples
+
+        samples = load_samples(data, limit=options.num_samples if options else None, allow_outside=allow_outside_data)
     return Inputs(
         data=data,
-        samples=load_samples(data, limit=options.num_samples, allow_outside=allow_outside_data) if data is not None else None,
+        samples=samples,
         report=CalibrationReport.load(calibration) if calibration is not None else None,
         calibration=Path(calibration) if calibration is not None else None,
         plan=_read_plan(plan_file) if plan_file is not None else None,
@@ -351,6 +385,13 @@ def _load(model_ref: str | ModelSource, device: str | None, dtype: str | None, p
     return load_model(model_ref, device=device, dtype=dtype)
 
 
+def load_model(ref: str | ModelSource, **kwargs: Any) -> LoadedModel:
+    """`loading.load_model`, imported only when a model is loaded (see the module docstring)."""
+    from .loading import load_model as load
+
+    return load(ref, **kwargs)
+
+
 def prune_out_of_core(
     model_ref: str,
     out: Path | str,
@@ -373,8 +414,7 @@ def prune_out_of_core(
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
     sources = [source.path, calibration, plan_file, recipe_file.path if recipe_file else None]
     with claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext():
-        options = CalibrationOptions()
-        inputs = read_inputs(data=None, calibration=calibration, plan_file=plan_file, options=options, allow_outside_data=False)
+        inputs = read_inputs(data=None, calibration=calibration, plan_file=plan_file, options=None, allow_outside_data=False)
         return _prune_out_of_core(source, out, recipe_file, inputs, overwrite=overwrite, dry_run=dry_run, progress=progress, onnx=onnx)
 
 
@@ -389,8 +429,7 @@ def _prune_out_of_core(
     progress: Callable[[int, int], None] | None,
     onnx: bool | None,
 ) -> PruneResult:
-    config = load_config(source.path, trust_remote_code=source.trust_remote_code)
-    adapter = adapter_for_config(config)
+    adapter, num_blocks = declared_blocks(source.path, source)
     report, fixed_plan = inputs.report, inputs.plan
     if fixed_plan is None:
         assert recipe_file is not None  # guaranteed by _one_of
@@ -401,8 +440,8 @@ def _prune_out_of_core(
                 fix="run `compressor calibrate MODEL --data D -o calibration.json` first and pass "
                 "--calibration, or use an explicit recipe or a saved --plan.",
             )
-        fixed_plan = replace(plan(recipe_file.recipe, adapter.num_blocks(config), report), recipe_text=recipe_file.text)
-    fixed_plan.check_model(adapter.num_blocks(config), source.public_name)
+        fixed_plan = replace(plan(recipe_file.recipe, num_blocks, report), recipe_text=recipe_file.text)
+    fixed_plan.check_model(num_blocks, source.public_name)
     if dry_run:
         return PruneResult(plan=fixed_plan, export=None, calibration=report)
     _refuse_empty(fixed_plan)
@@ -475,6 +514,9 @@ def _prune_loaded(
                 overwrite=replace_existing,
             )
     else:
+        from .export import export_hf
+        from .surgery import apply_plan, count_parameters
+
         params_before = count_parameters(loaded.model)
         apply_plan(loaded.model, surgery_plan, loaded.adapter)
 
@@ -540,6 +582,7 @@ def run(
     with claimed(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]):
         inputs = read_inputs(data=data_path, calibration=None, plan_file=None, options=options, allow_outside_data=allow_outside_data)
         if eval_data is not None:  # checked now, not after calibrating and pruning: the data, and that it can evaluate every gate
+            from .data import load_samples
             from .validate import TASKS, Gates, check_gates
 
             given = validate_options or {}

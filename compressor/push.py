@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -291,8 +292,21 @@ def _description(plan: PushPlan) -> str:
     return "\n".join(lines)
 
 
+def _http_errors() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
+    """(could-not-reach errors, base HTTP error) of the HTTP library huggingface_hub uses: requests
+    before huggingface_hub 1.0, httpx since (``httpx2`` in 2.x), when requests may not be installed.
+    huggingface_hub's own HTTP errors derive from the library's, which it imports as ``HTTPError``."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http_error = HfHubHTTPError.__mro__[1]
+    library = importlib.import_module(http_error.__module__.split(".")[0])
+    if hasattr(library, "TransportError"):  # httpx: connect, timeout, network, protocol and proxy failures
+        return (library.TransportError,), http_error
+    return (library.ConnectionError, library.Timeout), http_error
+
+
 class _hub_errors:
-    """Turn huggingface_hub's and requests' exceptions into messages that name the fix."""
+    """Turn huggingface_hub's exceptions and its HTTP library's into messages that name the fix."""
 
     def __init__(self, repo_id: str, endpoint: str):
         self.repo_id, self.endpoint = repo_id, endpoint
@@ -303,18 +317,19 @@ class _hub_errors:
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
         if error is None:
             return False
-        import requests
         from huggingface_hub.errors import OfflineModeIsEnabled
 
+        unreachable, http_error = _http_errors()
         if isinstance(error, OfflineModeIsEnabled):
             raise HubError("huggingface_hub is in offline mode: pushing needs the network.", fix="unset HF_HUB_OFFLINE.") from None
-        if isinstance(error, requests.ConnectionError | requests.Timeout):
+        if isinstance(error, unreachable):
             raise HubError(
                 f"Could not reach {self.endpoint} ({type(error).__name__}); nothing was committed.",
                 fix="check the network (or HF_ENDPOINT) and push again.",
             ) from None
-        if isinstance(error, requests.HTTPError):  # huggingface_hub's HfHubHTTPError is one (whoami raises the plain kind)
-            status = error.response.status_code if error.response is not None else None
+        if isinstance(error, http_error):  # huggingface_hub's HfHubHTTPError is one (whoami may raise the plain kind)
+            response = getattr(error, "response", None)
+            status = response.status_code if response is not None else None
             if status == 401:
                 raise HubError(
                     f"The Hub rejected the token ({self.endpoint}, HTTP 401); nothing was committed.",

@@ -23,43 +23,7 @@ from transformers import PretrainedConfig
 from .architectures import Adapter
 from .errors import PlanError, SurgeryError
 from .planner import SurgeryPlan
-
-
-def reindex_config(text_config: Any, adapter: Adapter, kept: Sequence[int]) -> None:
-    """Rewrite one decoder config in place for a model that keeps blocks ``kept``."""
-    old_count = int(getattr(text_config, adapter.count_key))
-    for key in adapter.per_layer_lists:
-        values = getattr(text_config, key, None)
-        if values is None:
-            continue
-        if len(values) != old_count:
-            raise SurgeryError(
-                f"config.{key} has {len(values)} entries for {old_count} blocks before surgery.",
-                fix="the source checkpoint's config is inconsistent; fix it first.",
-            )
-        setattr(text_config, key, [values[i] for i in kept])
-    for key in adapter.index_fields:
-        value = getattr(text_config, key, None)
-        if isinstance(value, int):
-            setattr(text_config, key, sum(1 for i in kept if i < value))
-    layer_types = getattr(text_config, "layer_types", None)
-    for key in adapter.layer_period_fields:
-        if getattr(text_config, key, None) is not None and layer_types is not None:
-            setattr(text_config, key, layer_period(layer_types))
-    setattr(text_config, adapter.count_key, len(kept))
-
-
-def layer_period(layer_types: Sequence[str]) -> int | None:
-    """The smallest p with block i full attention iff (i + 1) % p == 0; None if there is none.
-
-    With no full-attention block at all, any p beyond the last block fits: n + 1 is returned.
-    """
-    n = len(layer_types)
-    for period in range(1, n + 2):
-        expected = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
-        if list(layer_types) == expected:
-            return period
-    return None
+from .reindex import layer_period, reindex_config  # the config rules, shared with the out-of-core rewrite
 
 
 def _decoder_configs(model: nn.Module, adapter: Adapter) -> list[Any]:

@@ -29,13 +29,13 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import accuracy as scoring
 from .accuracy import FORMATS, Format, is_text
-from .calibrate import environment
 from .data import load_samples
 from .errors import InputError
 from .hub import ModelSource, resolve_model_ref
 from .latency import compare_latency, find_onnx, measure_latency
 from .loading import Placement, input_device, load_model
 from .planner import SurgeryPlan
+from .provenance import environment
 from .recipe import load_recipe
 from .report_render import write_html, write_markdown
 from .staging import check_output, output_lock, staged_dir, staged_file

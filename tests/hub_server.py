@@ -23,8 +23,9 @@ _commit_api.py, lfs.py, utils/_http.py):
 - Preupload says "lfs" for files above ``hub.lfs_threshold`` bytes (1 MiB) or named ``*.safetensors``,
   ``*.onnx``, ``*.onnx_data``; set ``hub.lfs_threshold = 0`` to send every non-empty file through LFS.
 - The LFS batch reply names the "basic" transfer. huggingface_hub 0.36.2 uploads through Xet only when
-  that reply says ``"transfer": "xet"`` (``_commit_api._upload_files``), so hf_xet being installed
-  changes nothing and no HF_HUB_DISABLE_XET is needed.
+  that reply says ``"transfer": "xet"`` (``_commit_api._upload_files``); 1.x and later upload through Xet
+  whenever hf_xet is installed, without asking, and this server does not speak Xet's storage protocol:
+  ``client_uses`` sets HF_HUB_DISABLE_XET for the test, which sends every version down the LFS path.
 - ``create_pr=True`` lands the commit on a new ``refs/pr/N`` and leaves the base branch as it was.
 
 What the client side needs: huggingface_hub must be online (the suite sets HF_HUB_OFFLINE=1) and should
@@ -105,13 +106,19 @@ def client_uses(hub: FakeHub, monkeypatch):
       any client call made without ``endpoint=`` (``HfApi()``, ``huggingface_hub.create_repo``) on loopback.
     """
     from huggingface_hub import constants, hf_api
-    from huggingface_hub.utils import reset_sessions
+    from huggingface_hub import utils as hub_utils
+
+    # huggingface_hub < 1 keeps per-thread requests sessions (reset_sessions); 1.x+ one shared httpx
+    # client (close_session): either is rebuilt on next use, from the patched constants and variables.
+    reset_sessions = getattr(hub_utils, "reset_sessions", None) or hub_utils.close_session
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # LFS only (see the module docstring)
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)
-    # requests honours proxy variables per request: the loopback traffic (and its token) must not go to one.
+    # requests honours proxy variables per request, httpx when its client is built (after the reset below):
+    # the loopback traffic (and its token) must not go to a proxy.
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(name, "127.0.0.1,localhost")
     reset_sessions()
@@ -269,7 +276,9 @@ class FakeHub:
         if repo_id in self.repos:
             # The client reads "url" from this reply too when exist_ok absorbs the 409.
             raise HubError(409, "You already created this model repo", url=f"{self.public_url}/{repo_id}")
-        self.repos[repo_id] = Repo(private=bool(request.get("private", False)))
+        # huggingface_hub < 1 sends "private": bool, later versions "visibility": "private" | "public".
+        private = request["visibility"] == "private" if "visibility" in request else bool(request.get("private", False))
+        self.repos[repo_id] = Repo(private=private)
         return _json(200, {"url": f"{self.public_url}/{repo_id}", "name": repo_id, "id": secrets.token_hex(12)})
 
     def _validate_yaml(self, body, **_):

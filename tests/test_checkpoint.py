@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import tracemalloc
 from collections import Counter
@@ -44,6 +45,7 @@ from compressor.data import build_batch, load_samples
 from compressor.demo.processor import build_tokenizer
 from compressor.errors import CheckpointError, InputError, InsufficientSpaceError, OutputExistsError, PlanError
 from compressor.manifest import FileHash, check_folder, folder_files
+from compressor.reindex import read_config_json
 from compressor.surgery import apply_plan
 
 from .conftest import FAMILIES, WORDS, _text_kwargs, run_cli
@@ -317,6 +319,76 @@ def test_stale_weights_and_source_lineage_are_not_copied(tiny_models, tmp_path):
     assert not (out / "pytorch_model.bin").exists() and not (out / "original").exists()
     assert "card of the source" not in (out / "README.md").read_text()
     assert {"pytorch_model.bin", "original/", "README.md"} <= set(result.skipped_files)
+
+
+# -- the config: edited as JSON by surgery's rules, by transformers when it relies on defaults -----
+
+
+def edited_copy(tiny, folder: Path, edit) -> Path:
+    """A copy of ``tiny``'s folder whose config.json went through ``edit`` (a dict -> dict function)."""
+    shutil.copytree(tiny.path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config), indent=2))
+    return folder
+
+
+def without(config: dict, *keys: str) -> dict:
+    text = config.get("text_config", config)
+    for key in keys:
+        text.pop(key, None)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("family", "keys", "light"),
+    [
+        ("qwen2", (), True),
+        ("qwen2", ("num_hidden_layers",), False),  # the block count: LlamaConfig-style class default
+        ("qwen2", ("layer_types",), False),  # a per-layer list the class derives
+        ("qwen2", ("max_window_layers",), False),  # an index field with a class default
+        ("gemma3", ("sliding_window_pattern",), True),  # the period is still stated under its other name
+        ("gemma3", ("sliding_window_pattern", "_sliding_window_pattern"), False),
+        ("llava", ("num_hidden_layers",), False),  # nested under text_config
+    ],
+)
+def test_config_json_is_read_as_json_only_when_it_states_what_the_rules_read(tiny_models, tmp_path, family, keys, light):
+    tiny = tiny_models[family]
+    adapter = adapter_for_config(json.loads((tiny.path / "config.json").read_text(), object_hook=lambda d: SimpleNamespace(**d)))
+    folder = edited_copy(tiny, tmp_path / "src", lambda c: without(c, *keys))
+    assert (read_config_json(folder, adapter) is not None) == light
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), "auto_map": {}}))
+    assert read_config_json(folder, adapter) is None  # code of its own: transformers and the trust policy decide
+
+
+def test_config_json_keeps_its_key_order_and_changes_only_what_surgery_changes(tiny_models, tmp_path):
+    tiny = tiny_models["gemma3"]
+    reverse = lambda d: dict(reversed(d.items()))  # noqa: E731 - not the order transformers writes
+    source = edited_copy(tiny, tmp_path / "src", lambda c: reverse({**c, "text_config": reverse(c["text_config"])}))
+    loaded = tiny.load()
+    rewrite_checkpoint(source, tmp_path / "out", make_plan([2, 3]), loaded.adapter)
+    before = json.loads((source / "config.json").read_text())
+    text = (tmp_path / "out" / "config.json").read_text()
+    after = json.loads(text)
+    assert text == json.dumps(after, indent=2) + "\n"
+    assert list(after) == list(before) and list(after["text_config"]) == list(before["text_config"])
+    changed = {k for k in before["text_config"] if before["text_config"][k] != after["text_config"][k]}
+    assert changed == {"num_hidden_layers", "layer_types", "sliding_window_pattern", "_sliding_window_pattern"}
+    assert {k for k in before if k != "text_config" and before[k] != after[k]} == set()
+    pruned = apply_plan(loaded.model, make_plan([2, 3]), loaded.adapter)
+    assert after["text_config"]["layer_types"] == pruned.config.text_config.layer_types
+
+
+def test_config_left_to_class_defaults_is_reindexed_by_transformers(tiny_models, tmp_path):
+    """Qwen2 derives `layer_types` when config.json leaves it out: the JSON alone cannot be
+    re-indexed, so transformers reads the config, and the result is still the in-memory one."""
+    from compressor.loading import load_model
+
+    source = edited_copy(tiny_models["qwen2"], tmp_path / "src", lambda c: without(c, "layer_types"))
+    loaded = load_model(str(source), device="cpu", dtype="float32")
+    assert read_config_json(source, loaded.adapter) is None
+    check_against_in_memory(loaded.model, loaded.processor, loaded.adapter, source, tmp_path, [1, 4])
+    written = json.loads((tmp_path / "ooc" / "config.json").read_text())["layer_types"]  # derived, then selected
+    assert written == [loaded.model.config.layer_types[i] for i in (0, 2, 3, 5)]
 
 
 # -- copying: one read of the source, hashed as written, memory bounded ---------------------------

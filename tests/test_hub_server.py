@@ -6,8 +6,10 @@ import hashlib
 
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-from requests import HTTPError
+
+# HTTPError: the HTTP library's base error, which whoami raises on a bad token (requests' under
+# huggingface_hub < 1, httpx's after: the client no longer uses requests, which may be absent).
+from huggingface_hub.errors import HfHubHTTPError, HTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .hub_server import GITATTRIBUTES
 

@@ -295,6 +295,7 @@ def test_find_onnx_looks_inside_and_beside_the_checkpoint(tmp_path):
     assert find_onnx(export / "hf") == export / "hf" / "onnx" / "model.onnx"
 
 
+@pytest.mark.optimum_onnx  # the export borrows optimum's loop-free mask function
 @pytest.mark.filterwarnings("ignore")  # the tracer's warnings about the export itself
 def test_onnx_runtime_latency_of_an_exported_llama(llama, tmp_path):
     model, tokenizer, adapter = llama

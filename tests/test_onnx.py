@@ -31,6 +31,8 @@ from .test_surgery import make_plan
 TEXT = tuple(f for f in FAMILIES if f not in MULTIMODAL)
 VLM = tuple(f for f in FAMILIES if f in MULTIMODAL)
 REMOVED = [1, 4]  # of 6: keeps a mix of sliding and full layers where the family has both
+# Text decoders export through optimum-onnx (the "optimum" layout); VLMs through our own split graphs.
+EVERY_LAYOUT = [pytest.param(f, marks=pytest.mark.optimum_onnx) if f in TEXT else f for f in FAMILIES]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def _samples(folder: Path, multimodal: bool) -> list[Sample]:
     return samples
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_LAYOUT)
 def test_export_is_verified_against_pytorch(family, exported):
     result = exported(family)
     meta = json.loads((result.path / METADATA).read_text())
@@ -95,6 +97,7 @@ def test_export_is_verified_against_pytorch(family, exported):
         assert meta["decoder"]["num_blocks"] == 4 and meta["decoder"]["layer_types"] is not None
 
 
+@pytest.mark.optimum_onnx
 @pytest.mark.parametrize("family", TEXT)
 def test_text_export_generates_like_pytorch_in_ort_model_for_causal_lm(family, pruned, exported, tmp_path):
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -158,6 +161,7 @@ def test_external_data_for_large_graphs(pruned, tmp_path):
     assert all(c.passed for c in result.checks) and result.greedy_tokens > 0  # ORT loaded and ran them
 
 
+@pytest.mark.optimum_onnx  # exports llama
 def test_output_exists_is_refused_and_overwrite_replaces(pruned, exported):
     path = exported("llama").path
     with pytest.raises(OutputExistsError):
@@ -183,8 +187,10 @@ def test_mrope_positions_match_transformers(family, tiny_models, tmp_path):
     samples = [Sample(prompt="count to three", image=s.image) for s in load_samples(tiny_models[family].data)[:2]]
     samples.append(Sample(prompt="what color is the circle?"))  # a text-only row in the batch
     batch = build_batch(loaded.processor, samples, with_answer=False, padding_side="left").inputs
+    # transformers 5 reads the image positions from the processor's mm_token_type_ids (4.x: from input_ids).
+    modality = {"mm_token_type_ids": batch["mm_token_type_ids"]} if "mm_token_type_ids" in batch else {}
     want, want_deltas = loaded.model.model.get_rope_index(
-        batch["input_ids"], batch["image_grid_thw"], None, attention_mask=batch["attention_mask"].bool()
+        input_ids=batch["input_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"].bool(), **modality
     )
     got, deltas = mrope_positions(
         batch["input_ids"].numpy(),
@@ -205,6 +211,7 @@ def test_runner_refuses_an_image_of_another_grid(exported, tiny_models):
         runner.image_features({"pixel_values": np.zeros((64, 48), np.float32), "image_grid_thw": grid})
 
 
+@pytest.mark.optimum_onnx  # exports llama
 def test_onnx_latency_is_measured_for_both_layouts(exported):
     pool = torch.arange(3, 20)
     for family in ("llama", "gemma3"):
@@ -246,6 +253,7 @@ def test_cli_prune_with_onnx_writes_verified_graphs_inside(tiny_models, tmp_path
     assert "ONNX graphs (split layout)" in (out / "README.md").read_text()
 
 
+@pytest.mark.optimum_onnx  # exports qwen2
 def test_cli_out_of_core_prune_with_onnx(tiny_models, tmp_path, capsys):
     out = tmp_path / "ooc"
     recipes = Path(__file__).resolve().parents[1] / "recipes"
@@ -256,6 +264,7 @@ def test_cli_out_of_core_prune_with_onnx(tiny_models, tmp_path, capsys):
     assert (out / "onnx" / "model.onnx").is_file() and "out of core" in stdout
 
 
+@pytest.mark.optimum_onnx  # exports mistral
 def test_recipe_export_formats(tiny_models, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nname: with-onnx\nselect: {op: explicit, blocks: [2]}\nexport: {formats: [hf, onnx]}\n")

@@ -73,3 +73,42 @@ def test_plan_from_config_json_agrees_with_transformers(tiny_models, capsys, tmp
     code, out, err = run_cli(capsys, "plan", "--recipe", RECIPES / "explicit.yaml", "--model", folder)
     assert code == 0, err
     assert "of 32 blocks" in out  # LlamaConfig's default
+
+
+@pytest.mark.parametrize(
+    ("family", "selection"),
+    [("gemma3", "--recipe"), ("qwen2_vl", "--plan"), ("llama", "--calibration")],
+    ids=["explicit recipe", "saved plan", "recipe + calibration"],
+)
+def test_out_of_core_prune_stays_light_and_gives_the_in_memory_model(family, selection, tiny_models, report, tmp_path, capsys):
+    """`prune --out-of-core` builds no model: it imports neither torch nor transformers (config.json
+    is re-indexed as JSON), and what it writes loads with the logits of the model pruned in memory."""
+    import torch
+
+    from compressor.data import build_batch, load_samples
+    from compressor.planner import SurgeryPlan
+    from compressor.surgery import apply_plan
+
+    tiny = tiny_models[family]
+    source, out = tiny.path, tmp_path / "out"
+    if selection == "--recipe":
+        choice = ["--recipe", RECIPES / "explicit.yaml"]
+    elif selection == "--plan":
+        code, _, err = run_cli(capsys, "plan", "--recipe", RECIPES / "explicit.yaml", "--model", source, "-o", tmp_path / "plan.json")
+        assert code == 0, err
+        choice = ["--plan", tmp_path / "plan.json"]
+    else:
+        choice = ["--recipe", RECIPES / "shortgpt.yaml", "--calibration", report]
+    code, err, heavy = heavy_imports("prune", source, *choice, "-o", out, "--out-of-core")
+    assert code == 0, err
+    assert heavy == [], f"`compressor prune {selection} ... --out-of-core` imported {heavy}"
+
+    loaded = tiny.load()
+    plan = SurgeryPlan.load(out / "plan.json")
+    assert plan.removed_indices
+    pruned = apply_plan(loaded.model, plan, loaded.adapter)
+    reloaded, info = type(pruned).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    inputs = build_batch(loaded.processor, load_samples(tiny.data)[:2], with_answer=True).inputs
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(**inputs).logits, pruned.eval()(**inputs).logits)
