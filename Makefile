@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench bench-scale bench-quality lint clean
+.PHONY: install test test-v5 test-slow demo bench bench-scale bench-quality lint clean
 
 install: $(STAMP)
 
@@ -17,6 +17,21 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite on transformers 5 (issue 15) in its own venv, pinned by constraints-v5.txt; compressor itself
+# without its dependencies (pyproject.toml pins the 4.57 set). Tests that export through optimum-onnx skip.
+V5_VENV ?= .venv-v5
+V5_STAMP := $(V5_VENV)/.installed
+
+$(V5_STAMP): pyproject.toml constraints-v5.txt
+	$(PYTHON) -m venv $(V5_VENV)
+	$(V5_VENV)/bin/pip install --quiet --upgrade pip
+	$(V5_VENV)/bin/pip install --quiet -r constraints-v5.txt
+	$(V5_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(V5_STAMP)
+
+test-v5: $(V5_STAMP)
+	$(V5_VENV)/bin/python -m pytest -q
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
@@ -43,4 +58,4 @@ lint: install
 	$(BIN)/ruff check compressor tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(V5_VENV) build *.egg-info

@@ -112,6 +112,59 @@ def _text_kwargs(tokenizer, layers: int) -> dict:
     )
 
 
+def _bpe_tokenizer(style: str, tokenizer_class, *, special_tokens=(), chat_template=CHAT_TEMPLATE):
+    """A BPE tokenizer trained on WORDS with the pipeline of Qwen2's tokenizer (byte-level, ``style="qwen"``)
+    or Gemma's ("▁" for spaces, ``style="gemma"``), each word one token.
+
+    transformers 5 loads a Qwen2 or Gemma tokenizer (and any tokenizer of a ``qwen2`` model) by rebuilding
+    it from tokenizer.json's vocabulary and merges with the class's own normalizer and pre-tokenizer, where
+    4.x takes the file as it is: the word-level tokenizer of the other families would come back turning
+    every prompt into a few ``<unk>``. With the class's own pipeline it comes back the same in both.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from compressor.demo.processor import BOS, EOS, PAD, SPECIAL_TOKENS, TEMPLATE_WORDS, UNK
+
+    if style == "qwen":
+        core = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+        core.normalizer = normalizers.NFC()
+        core.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        core.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        core = Tokenizer(models.BPE(unk_token=UNK, fuse_unk=True, byte_fallback=True))
+        core.normalizer = normalizers.Replace(" ", "▁")
+        core.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+        core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        alphabet = ["\n"]  # PaliGemma ends every prompt with a newline
+    specials = list(dict.fromkeys([*SPECIAL_TOKENS, *special_tokens]))
+    corpus = [text for word in (*TEMPLATE_WORDS, *WORDS) for text in (word, " " + word)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, special_tokens=specials, initial_alphabet=alphabet, min_frequency=0, show_progress=False
+    )
+    core.train_from_iterator(corpus, trainer)
+    tokenizer = tokenizer_class(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=specials[len(SPECIAL_TOKENS) - 1 :],  # IMAGE and the family's own
+        chat_template=chat_template,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    # As in build_tokenizer: transformers 5 may drop the list given at construction.
+    if any(token not in tokenizer.all_special_tokens for token in specials):
+        tokenizer.add_special_tokens({"additional_special_tokens": specials[len(SPECIAL_TOKENS) - 1 :]})
+    return tokenizer
+
+
 def _siglip(**extra) -> SiglipVisionConfig:
     """A one-layer SigLIP tower over 16x16 images in 4x4 patches (16 patch features)."""
     return SiglipVisionConfig(
@@ -120,8 +173,8 @@ def _siglip(**extra) -> SiglipVisionConfig:
 
 
 def _qwen_vl(family: str, layers: int):
-    tokenizer = build_tokenizer(
-        WORDS, special_tokens=QWEN_SPECIAL, tokenizer_class=Qwen2TokenizerFast, chat_template=CHAT_TEMPLATE.replace(IMAGE, QWEN_IMAGE)
+    tokenizer = _bpe_tokenizer(
+        "qwen", Qwen2TokenizerFast, special_tokens=QWEN_SPECIAL, chat_template=CHAT_TEMPLATE.replace(IMAGE, QWEN_IMAGE)
     )
     # min_pixels = max_pixels fixes every image at 24x24: a 6x6 grid of 4x4 patches, 9 tokens.
     image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=24 * 24, max_pixels=24 * 24)
@@ -182,7 +235,7 @@ def _idefics3(layers: int):
 
 def _paligemma(layers: int):
     # PaliGemma has no chat template: "<image>"*16 <bos> prompt "\n", the answer as a suffix.
-    tokenizer = build_tokenizer(WORDS, tokenizer_class=GemmaTokenizerFast, chat_template=None)
+    tokenizer = _bpe_tokenizer("gemma", GemmaTokenizerFast, chat_template=None)
     image_processor = SiglipImageProcessor(size={"height": 16, "width": 16}, image_seq_length=16)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc…>/<seg…> tokens
     # Untied head, unlike real checkpoints: a tied random Gemma just repeats one token when
@@ -255,6 +308,7 @@ def build_tiny(family: str, layers: int = 6, seed: int = 0):
         config = MistralConfig(**_text_kwargs(tokenizer, layers), sliding_window=6)
         processor, model = tokenizer, MistralForCausalLM(config)
     elif family == "qwen2":
+        tokenizer = _bpe_tokenizer("qwen", Qwen2TokenizerFast)  # see there: how transformers 5 loads a qwen2 tokenizer
         # First 2 blocks full attention, the rest sliding: layer_types mixes both kinds.
         config = Qwen2Config(**_text_kwargs(tokenizer, layers), use_sliding_window=True, sliding_window=6, max_window_layers=2)
         processor, model = tokenizer, Qwen2ForCausalLM(config)
