@@ -11,10 +11,8 @@ on the model family; adding a family is adding one `Adapter` to `ADAPTERS` plus 
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedArchitectureError
@@ -272,13 +270,12 @@ def blocks_of_folder(folder: Path) -> tuple[Adapter, int] | None:
     """(adapter, block count) read straight from ``folder/config.json``, without transformers
     (`compressor plan --model` stays fast, and no code of the folder can run); None when the
     file leaves the count to the config class's default, which only transformers knows."""
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    from .reindex import JsonConfig, load_config_json
+
+    raw = load_config_json(folder)
+    if raw is None:
         return None
-    if not isinstance(raw, dict) or "auto_map" in raw:  # code in the folder: the trust policy decides (loading.py)
-        return None
-    config = json.loads(json.dumps(raw), object_hook=lambda d: SimpleNamespace(**{str(k): v for k, v in d.items()}))
+    config = JsonConfig(raw)
     adapter = adapter_for_config(config)
     try:
         count = adapter.num_blocks(config)

@@ -80,6 +80,16 @@ class JsonConfig:
         self._data[name] = value  # an existing key keeps its place in the file
 
 
+def load_config_json(folder: Path) -> dict[str, Any] | None:
+    """``folder/config.json`` as a JSON object, or None when it is not one or names code of its
+    own (``auto_map``: then the trust policy and transformers decide, `loading.load_config`)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return raw if isinstance(raw, dict) and "auto_map" not in raw else None
+
+
 def read_config_json(folder: Path, adapter: Adapter) -> dict[str, Any] | None:
     """``folder/config.json`` as parsed JSON when the re-indexing rules can be applied to it as
     written, else None: then only transformers' config class knows what it means (`loading.load_config`).
@@ -89,11 +99,8 @@ def read_config_json(folder: Path, adapter: Adapter) -> dict[str, Any] | None:
     defaults anything the rules read — the block count, a per-layer list, an index field, or
     the layer period (its names are aliases of one value: one of them must be stated).
     """
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(raw, dict) or "auto_map" in raw:
+    raw = load_config_json(folder)
+    if raw is None:
         return None
     try:
         text = adapter.text_config(JsonConfig(raw))
