@@ -16,6 +16,7 @@ keep them in one external-data file beside the graph.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import tempfile
@@ -33,7 +34,7 @@ from .errors import UnsupportedArchitectureError, VerificationError
 from .export import verification_samples
 from .hub import ModelSource
 from .loading import LoadedModel, load_model
-from .onnx_graphs import Decoder, DecoderSpec, TokenEmbedding, VisionEncoder, decoder_io, decoder_spec, export_graph
+from .onnx_graphs import Decoder, DecoderSpec, TokenEmbedding, VisionEncoder, decoder_io, decoder_spec, export_graph, image_features
 from .onnx_runtime import METADATA, METADATA_FORMAT, SplitRunner, session
 from .onnx_verify import DEFAULT_TOLERANCE, DecoderProbe, GraphCheck, raise_on_failure, verify_decoder, verify_outputs
 from .provenance import environment
@@ -291,7 +292,15 @@ def _verify(
     else:
         d = extra["decoder"]
 
+        # A model that takes token types gets them as its processor marks a prompt: all 0
+        # (PaliGemma: 0 = the bidirectional prefix; transformers 5 attends causally without
+        # them, 4.x ignores them outside training). Read from the model, not the adapter, so
+        # an adapter claiming the wrong attention pattern is caught.
+        takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
+
         def reference(first, mask, pos, types, cache):
+            if types is None and takes_types:
+                types = torch.zeros_like(mask[:, -first.shape[1] :])
             kwargs = {"token_type_ids": types} if types is not None else {}
             return model(inputs_embeds=first, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kwargs)
 
@@ -335,15 +344,22 @@ def _verify_embed_and_vision(model, adapter, processor, folder, graphs, extra, t
         grid = torch.tensor([extra["vision"]["grid"]])
         dim = vision.get_inputs()[0].shape[1]
         pixels = torch.randn(int(grid.prod()), dim, generator=gen)
-        want = torch.cat(list(inner.get_image_features(pixels, grid)))
-        feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
+        want = torch.cat(list(image_features(inner.get_image_features(pixels, grid))))
+        # The grid is a constant of the traced graph; 5.x's tower reads it as Python values, so
+        # the exporter may drop the input.
+        names = {i.name for i in vision.get_inputs()}
+        feeds = {k: v for k, v in {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}.items() if k in names}
     else:
         pixels = torch.randn(3, *extra["vision"]["pixel_shape"], generator=gen)  # 3 images: not the traced count
         if kind == "tiles":
             # transformers' own path: tiles of one sample, with its padding-tile and patch-mask logic.
-            want = inner.get_image_features(pixel_values=pixels[None])
+            # 4.x returns the tiles' features (tiles, tokens, hidden); 5.x one flattened
+            # (tiles * tokens, hidden) tensor per sample: compare in the graph's shape.
+            want = image_features(inner.get_image_features(pixel_values=pixels[None]))
+            if isinstance(want, (list, tuple)):
+                want = torch.cat(list(want)).reshape(pixels.shape[0], -1, want[0].shape[-1])
         else:
-            want = inner.get_image_features(pixel_values=pixels)
+            want = image_features(inner.get_image_features(pixel_values=pixels))
             if isinstance(want, (list, tuple)):
                 want = torch.stack(list(want))
         feeds = {"pixel_values": pixels.numpy()}

@@ -136,6 +136,22 @@ def attention_masks(
 
 
 # -- the three modules ----------------------------------------------------------------------
+def image_features(output: Any) -> Any:
+    """The projected image features from ``get_image_features``' return value.
+
+    transformers 4.x returns them directly (a tensor, or a list/tuple of per-image tensors);
+    5.x returns the vision tower's output object with the projected features put in
+    ``pooler_output`` (a tensor, or a list/tuple: per image for LLaVA and Qwen2-VL, per sample
+    with the tiles flattened for Idefics3).
+    """
+    if isinstance(output, (torch.Tensor, list, tuple)):
+        return output
+    features = getattr(output, "pooler_output", None)
+    if features is None:
+        raise TypeError(f"get_image_features returned {type(output).__name__} without pooler_output")
+    return features
+
+
 class Decoder(nn.Module):
     """inputs_embeds + 2-D mask + positions (+ token types) + past -> logits + present."""
 
@@ -208,7 +224,7 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values, image_grid_thw=None):
         inner = self.model.model
         if self.kind == "grid":
-            return torch.cat(list(inner.get_image_features(pixel_values, image_grid_thw)), dim=0)
+            return torch.cat(list(image_features(inner.get_image_features(pixel_values, image_grid_thw))), dim=0)
         if self.kind == "tiles":
             tower = inner.vision_model
             patches = tower.embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
@@ -220,7 +236,7 @@ class VisionEncoder(nn.Module):
         captured = []
         hook = inner.multi_modal_projector.register_forward_hook(lambda module, args, output: captured.append(output))
         try:
-            features = inner.get_image_features(pixel_values=pixel_values)
+            features = image_features(inner.get_image_features(pixel_values=pixel_values))
         finally:
             hook.remove()
         return captured[-1] if isinstance(features, (list, tuple)) else features

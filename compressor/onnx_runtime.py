@@ -90,15 +90,35 @@ def text_positions(mask: np.ndarray, offset: int = 0) -> np.ndarray:
     return positions + offset
 
 
+def padded_rope_delta() -> bool:
+    """Whether the installed transformers counts Qwen2-VL's rope delta against the padded
+    prompt length (4.x: decoding adds it to the cache position) rather than the sample's own
+    token count (5.x: decoding adds it to the padding-mask cumsum). Both give the same decode
+    positions; only the delta differs (a left-padded row: ``-padding`` in 4.x, 0 in 5.x).
+    Detected by the 5.x ``get_rope_index`` signature, which takes ``mm_token_type_ids``;
+    without transformers (a deployment), the 4.x convention the runner uses."""
+    try:
+        import inspect
+
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    except ImportError:
+        return True
+    return "mm_token_type_ids" not in inspect.signature(Qwen2VLModel.get_rope_index).parameters
+
+
 def mrope_positions(
-    ids: np.ndarray, mask: np.ndarray, grids: np.ndarray, *, image_token_id: int, merge: int
+    ids: np.ndarray, mask: np.ndarray, grids: np.ndarray, *, image_token_id: int, merge: int, padded_delta: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Qwen2-VL's 3-D rotary positions (time, height, width) for a prompt with images, and the
     per-sample delta that continues them while decoding (``get_rope_index``, images only).
 
     Text tokens advance all three axes together; an image's tokens take their (t, h, w)
-    coordinates in the merged patch grid, offset by where the image starts.
+    coordinates in the merged patch grid, offset by where the image starts. The delta is
+    next position minus the padded length (``padded_delta``) or minus the sample's token
+    count; ``None``: as the installed transformers (`padded_rope_delta`).
     """
+    if padded_delta is None:
+        padded_delta = padded_rope_delta()
     batch, length = ids.shape
     positions = np.ones((3, batch, length), dtype=np.int64)
     deltas = np.zeros(batch, dtype=np.int64)
@@ -124,7 +144,7 @@ def mrope_positions(
         chunks.append(np.broadcast_to(np.arange(len(tokens) - start), (3, len(tokens) - start)) + base)
         row = np.concatenate(chunks, axis=1)
         positions[:, b, mask[b] == 1] = row
-        deltas[b] = row.max() + 1 - length
+        deltas[b] = row.max() + 1 - (length if padded_delta else len(tokens))
     return positions, deltas
 
 
@@ -160,6 +180,8 @@ class SplitRunner:
         if kind == "grid":
             grids = np.asarray(inputs["image_grid_thw"], dtype=np.int64)
             traced = self.meta["vision"]["grid"]
+            # The graph holds its grid as a constant; it may take no image_grid_thw input (5.x).
+            takes_grid = "image_grid_thw" in {i.name for i in self.vision.get_inputs()}
             parts, start = [], 0
             for grid in grids:
                 if grid.tolist() != traced:
@@ -168,7 +190,8 @@ class SplitRunner:
                         fix="resize images to the export's size (vision.image_size in compressor_onnx.json), or re-export for this size.",
                     )
                 n = int(np.prod(grid))
-                parts.append(self.vision.run(None, {"pixel_values": pixels[start : start + n], "image_grid_thw": grid[None]})[0])
+                feeds = {"pixel_values": pixels[start : start + n]} | ({"image_grid_thw": grid[None]} if takes_grid else {})
+                parts.append(self.vision.run(None, feeds)[0])
                 start += n
             return np.concatenate(parts)
         if kind == "tiles":
@@ -224,6 +247,7 @@ class SplitRunner:
                 inputs["image_grid_thw"] if "image_grid_thw" in inputs else np.zeros((0, 3), np.int64),
                 image_token_id=self.d["image_token_id"],
                 merge=self.meta["vision"]["merge"],
+                padded_delta=True,  # decoding below adds it to the padded length
             )
         else:
             positions = text_positions(mask, self.d["position_offset"])
