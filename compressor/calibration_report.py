@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .inputs import not_unicode, read_input_text
+from .inputs import read_json_object
 from .recipe import FUNCTIONAL_METRICS
 
 MODALITIES = ("all", "text", "image")
@@ -71,20 +71,7 @@ class CalibrationReport:
         what is wrong, rather than failing later inside the planner."""
         path = Path(path)
         fix = "pass the JSON written by `compressor calibrate -o` (or calibrate again)."
-        text = read_input_text(path, "Calibration report", max_bytes=MAX_REPORT_BYTES, error=InputError, fix=fix)
-        try:
-            raw = json.loads(text)
-        except (ValueError, RecursionError) as error:
-            raise InputError(f"Calibration report '{path}' is not JSON ({error}).", fix=fix) from None
-        if not isinstance(raw, dict):
-            raise InputError(f"Calibration report '{path}' is a JSON {_json_type(raw)}, not an object.", fix=fix)
-        if not_unicode(raw):
-            raise InputError(f"Calibration report '{path}' holds a string that is not valid Unicode (a lone surrogate).", fix=fix)
-        if raw.get("format") != REPORT_FORMAT:
-            raise InputError(
-                f"'{path}' is not a compressor calibration report (format is {raw.get('format')!r}, expected {REPORT_FORMAT!r}).",
-                fix=fix,
-            )
+        raw = read_json_object(path, "Calibration report", fmt=REPORT_FORMAT, max_bytes=MAX_REPORT_BYTES, fix=fix)
         problems = _report_problems(raw)
         if problems:
             listed = "\n".join(f"  - {p}" for p in problems)

@@ -55,3 +55,23 @@ def read_input_text(path: Path, kind: str, *, max_bytes: int, error: type[Compre
         ) from None
     # Newlines as text mode reads them (what callers saw before files were read as bytes).
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_json_object(path: Path, kind: str, *, fmt: str, max_bytes: int, fix: str) -> dict[str, Any]:
+    """A compressor JSON file (plan, calibration report) as a dict whose ``format`` is ``fmt``;
+    an `InputError` naming the file otherwise: unreadable, not JSON, nested too deeply, not an
+    object, text that is not Unicode, or another format."""
+    from .errors import InputError
+
+    text = read_input_text(path, kind, max_bytes=max_bytes, error=InputError, fix=fix)
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+        raise InputError(f"{kind} '{path}' is not JSON ({error}).", fix=fix) from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{kind} '{path}' is a JSON {type(raw).__name__}, not an object.", fix=fix)
+    if not_unicode(raw):
+        raise InputError(f"{kind} '{path}' holds a string that is not valid Unicode (a lone surrogate escape such as \\ud800).", fix=fix)
+    if raw.get("format") != fmt:
+        raise InputError(f"'{path}' is not a compressor {kind.lower()} (format is {raw.get('format')!r}, expected {fmt!r}).", fix=fix)
+    return raw

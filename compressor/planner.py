@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .calibration_report import MODALITIES, CalibrationReport
 from .errors import InputError, PlanError, RecipeError
-from .inputs import not_unicode, read_input_text
+from .inputs import read_json_object
 from .recipe import (
     FUNCTIONAL_METRICS,
     OPS,
@@ -80,17 +80,7 @@ class SurgeryPlan:
         """Read a plan written by `save`, refusing (with every problem, each by field) anything
         that would prune the wrong blocks: indices out of range, repeated, or not integers."""
         path = Path(path)
-        text = read_input_text(path, "Plan", max_bytes=MAX_PLAN_BYTES, error=InputError, fix=_FIX)
-        try:
-            raw = json.loads(text)
-        except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
-            raise InputError(f"Plan '{path}' is not JSON ({error}).", fix=_FIX) from None
-        if not isinstance(raw, dict):
-            raise InputError(f"Plan '{path}' is a JSON {type(raw).__name__}, not an object.", fix=_FIX)
-        if not_unicode(raw):
-            raise InputError(f"Plan '{path}' holds a string that is not valid Unicode (a lone surrogate escape such as \\ud800).", fix=_FIX)
-        if raw.get("format") != PLAN_FORMAT:
-            raise InputError(f"'{path}' is not a compressor plan (format is {raw.get('format')!r}, expected {PLAN_FORMAT!r}).", fix=_FIX)
+        raw = read_json_object(path, "Plan", fmt=PLAN_FORMAT, max_bytes=MAX_PLAN_BYTES, fix=_FIX)
         try:
             checked, problems = _PlanFile.model_validate(raw), []
         except ValidationError as error:
