@@ -54,6 +54,11 @@ class Adapter:
     # prompt attends both ways) or "image_blocks" (tokens of one image attend both ways).
     onnx_attention: str = "causal"
     position_offset: int = 0  # added to 0-based token positions (PaliGemma counts from 1)
+    # Leading blocks that cannot be removed without changing the model: a dotted path from the
+    # root config to a list whose length is how many of the first blocks are fixed, and why.
+    # The planner skips them (and refuses a recipe or plan that lists one), surgery refuses too.
+    fixed_leading_key: str = ""
+    fixed_reason: str = ""
     notes: tuple[str, ...] = field(default=())
 
     # -- config -----------------------------------------------------------------------------
@@ -72,6 +77,17 @@ class Adapter:
 
     def num_blocks(self, config: Any) -> int:
         return int(getattr(self.text_config(config), self.count_key))
+
+    def fixed_blocks(self, config: Any) -> dict[int, str]:
+        """{block index: why it cannot be removed} for the leading blocks this config fixes."""
+        if not self.fixed_leading_key:
+            return {}
+        try:
+            values = _walk(config, self.fixed_leading_key)
+        except AttributeError:
+            return {}
+        count = len(values or ())
+        return {i: self.fixed_reason for i in range(min(count, self.num_blocks(config)))}
 
     def image_token_id(self, config: Any) -> int | None:
         for key in self.image_token_keys:
@@ -189,6 +205,25 @@ ADAPTERS: tuple[Adapter, ...] = (
         onnx="split",
         onnx_vision="grid",
         notes=("ONNX: the vision graph is traced for one image grid; the runner refuses images of another size",),
+    ),
+    Adapter(
+        family="qwen3_vl",
+        architectures=("Qwen3VLForConditionalGeneration",),
+        model_types=("qwen3_vl",),
+        block_paths=("model.language_model.layers",),
+        text_config_path="text_config",
+        # No conversion mapping: saved as the module tree is laid out.
+        tensor_prefix="model.language_model.layers.{index}.",
+        image_token_keys=("image_token_id",),
+        multimodal=True,
+        # DeepStack: vision features k = 0..len(deepstack_visual_indexes)-1 are added to the image
+        # positions of the output of the k-th block of the list, by position (FACTS.md).
+        fixed_leading_key="vision_config.deepstack_visual_indexes",
+        fixed_reason="DeepStack: the vision tower adds features to the image positions of this block's output, by position",
+        onnx="",
+        onnx_refusal=(
+            "Qwen3-VL's DeepStack vision features enter the first decoder blocks, and the split ONNX exporter has no inputs for them"
+        ),
     ),
     Adapter(
         family="idefics3",

@@ -241,7 +241,8 @@ def calibrate(
     if options.num_samples is not None:
         samples = samples[: options.num_samples]
     blocks = adapter.blocks(model)
-    greedy_steps(len(blocks), options.greedy, options.greedy_fraction, options.greedy_keep)  # refused before any pass
+    # Refused before any pass; blocks the family fixes in place are never removed either.
+    greedy_steps(len(blocks), options.greedy, options.greedy_fraction, (*options.greedy_keep, *adapter.fixed_blocks(model.config)))
     group = group or Group()
     local = group.shard(samples)  # this process's share; all of it in a single process
     chunks = plan_batches(processor, local, batch_size=options.batch_size, token_budget=options.token_budget, max_length=options.max_length)
@@ -291,6 +292,8 @@ def calibrate(
             "family": adapter.family,
             "architecture": type(model).__name__,
             "num_blocks": len(blocks),
+            # Blocks the family cannot lose (the planner skips them when given only this report).
+            "fixed_blocks": {str(i): why for i, why in adapter.fixed_blocks(model.config).items()},
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(device),
             "devices": sorted({str(p.device) for p in model.parameters()}),

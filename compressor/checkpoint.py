@@ -672,6 +672,7 @@ def _check_plan(config: Any, plan: SurgeryPlan, adapter: Adapter, folder: Path) 
         )
     if not plan.kept:
         raise PlanError("The plan removes every block.", fix="keep at least one block.")
+    plan.check_fixed(adapter.fixed_blocks(config))
 
 
 def _other_files(folder: Path, checkpoint: SourceCheckpoint, *, code: bool = False) -> tuple[list[Path], list[str]]:

@@ -316,6 +316,11 @@ def plan_command(
         check_output(output, overwrite=overwrite, sources=sources)
     recipe_file = load_recipe(recipe)
     report = CalibrationReport.load(calibration) if calibration else None
+    fixed = None  # the report's record of the blocks the family cannot lose, unless --model says
+    if source is not None:
+        from .pipeline import fixed_blocks_of_folder
+
+        fixed = fixed_blocks_of_folder(source.path, source)
     if report is not None:
         num_blocks = report.num_blocks
     elif source is not None:
@@ -332,7 +337,7 @@ def plan_command(
             fix="run `compressor calibrate MODEL --data D -o calibration.json` first.",
         )
     # The plan carries its recipe: `prune --plan` then keeps the recipe's validation gates.
-    surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report), recipe_text=recipe_file.text)
+    surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report, fixed), recipe_text=recipe_file.text)
     click.echo(surgery_plan.describe())
     if output:
         with staged_file(output, overwrite=overwrite, sources=sources) as staging:
@@ -830,6 +835,11 @@ def arch_list() -> None:
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     notes = [f"  {a.family}: {note}" for a in ADAPTERS for note in a.notes]
+    notes += [
+        f"  {a.family}: the first len({a.fixed_leading_key}) blocks cannot be removed ({a.fixed_reason})"
+        for a in ADAPTERS
+        if a.fixed_leading_key
+    ]
     if notes:
         click.echo("\nnotes:\n" + "\n".join(notes))
 

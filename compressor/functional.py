@@ -48,6 +48,9 @@ class Recording:
     first: torch.Tensor  # the hidden state entering block 0
     second: torch.Tensor  # block 0's output (block 0 runs while recording)
     kwargs: list[dict[str, Any]]  # each block's call arguments besides the hidden state
+    # What the model's loop adds to block i's output before block i + 1 takes it, for the blocks
+    # the family fixes in place (`Adapter.fixed_blocks`: Qwen3-VL's DeepStack vision features).
+    added: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Head(nn.Module):
@@ -104,19 +107,34 @@ def record(model: nn.Module, adapter: Adapter, batch: Batch) -> Recording:
     blocks = adapter.blocks(model)
     kwargs: list[Any] = [None] * len(blocks)
     seen: dict[str, Any] = {}
+    # A fixed block's output is copied as it leaves the block (the loop may add to it in place);
+    # the next block's input less that copy is what the loop added.
+    fixed = set(adapter.fixed_blocks(model.config))
+    added: dict[int, torch.Tensor] = {}
+
+    def note_added(index: int, hidden: torch.Tensor) -> None:
+        if index - 1 in fixed:
+            added[index - 1] = hidden - seen.pop("returned")
 
     def before_first(module: nn.Module, args: tuple, kw: dict) -> None:
         seen["first"], kwargs[0] = _arguments(args, kw)
 
     def after_first(module: nn.Module, args: tuple, kw: dict, output: Any) -> None:
         seen["output"] = output
+        hidden = output[0] if isinstance(output, tuple) else output
+        seen["raw"] = hidden.clone() if 0 in fixed else hidden
+        if 0 in fixed:
+            seen["returned"] = seen["raw"]
         if len(blocks) == 1:
             raise _Stop
 
     def stand_in(index: int, *args: Any, **kw: Any) -> Any:
         hidden, kwargs[index] = _arguments(args, kw)
+        note_added(index, hidden)
         if index == len(blocks) - 1:
             raise _Stop
+        if index in fixed:
+            seen["returned"] = hidden.clone()
         output = seen["output"]
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -142,8 +160,7 @@ def record(model: nn.Module, adapter: Adapter, batch: Batch) -> Recording:
                 vars(block).pop("forward", None)
             else:
                 block.forward = forward
-    output = seen["output"]
-    return Recording(seen["first"], output[0] if isinstance(output, tuple) else output, kwargs)
+    return Recording(seen["first"], seen["raw"], kwargs, added)
 
 
 def _call(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -238,15 +255,20 @@ def scan(
     with watch.time(f"{label}_forward"):
         recording = record(model, adapter, batch)
     sums.block_calls += 1  # block 0, run while recording
-    first, second, kwargs = recording.first, recording.second, recording.kwargs
+    first, second, kwargs, added = recording.first, recording.second, recording.kwargs, recording.added
     del recording  # its hidden states go as soon as the walk is past them
+    if 0 in added:  # block 0 always runs first: its output as block 1 takes it
+        second = second + added.pop(0)
 
     def step(index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Block ``index`` on ``hidden``; block 0's output (on the original's input) is recorded."""
+        """Block ``index`` on ``hidden``, plus what the model adds after it (fixed blocks only,
+        never removed: their index is their position); block 0's output is recorded."""
         if index == 0:
-            return second
-        sums.block_calls += 1
-        return _call(blocks[index], hidden, kwargs[index])
+            out = second
+        else:
+            sums.block_calls += 1
+            out = _call(blocks[index], hidden, kwargs[index])
+        return out + added[index] if index in added else out
 
     def run(start: int, hidden: torch.Tensor, skip: frozenset[int]) -> torch.Tensor:
         for index in range(start, len(blocks)):
@@ -457,10 +479,13 @@ def measure(
             sums.reduce(all_reduce)
         return ablation_results(sums, candidates), sums
 
-    greedy, keep = greedy_steps(num_blocks, greedy, greedy_fraction, greedy_keep)
+    # Blocks the family fixes in place (`Adapter.fixed_blocks`) are never candidates: removing one
+    # is not an option, and replaying the blocks after it would miss what the model adds there.
+    fixed = set(adapter.fixed_blocks(model.config))
+    greedy, keep = greedy_steps(num_blocks, greedy, greedy_fraction, tuple(sorted({*greedy_keep, *fixed})))
     first = None
     if ablation:
-        first = scan_all([], list(range(num_blocks)), "ablation")
+        first = scan_all([], [i for i in range(num_blocks) if i not in fixed], "ablation")
         result, sums = first
         out["ablation_loss"] = {"all": result["loss_increase"]}
         out["ablation_kl"] = {"all": result["kl"]}

@@ -127,6 +127,24 @@ def declared_blocks(folder: Path, source: ModelSource) -> tuple[Adapter, int]:
     return adapter, adapter.num_blocks(config)
 
 
+def fixed_blocks_of_folder(folder: Path, source: ModelSource) -> dict[int, str]:
+    """`Adapter.fixed_blocks` of ``folder``'s config: from config.json as JSON when it can be
+    read so, else as transformers reads it."""
+    from .reindex import JsonConfig, load_config_json
+
+    raw = load_config_json(folder)
+    if raw is not None:
+        config: Any = JsonConfig(raw)
+        try:
+            return adapter_for_config(config).fixed_blocks(config)
+        except (AttributeError, TypeError, ValueError):
+            pass
+    from .loading import load_config
+
+    config = load_config(folder, trust_remote_code=source.trust_remote_code)
+    return adapter_for_config(config).fixed_blocks(config)
+
+
 def _reload_check(result: ExportResult | CheckpointResult) -> dict[str, Any]:
     if isinstance(result, CheckpointResult):
         return {"check": "out-of-core-headers", "passed": True, "detail": VERIFIED_OUT_OF_CORE}
@@ -430,6 +448,7 @@ def _prune_out_of_core(
     onnx: bool | None,
 ) -> PruneResult:
     adapter, num_blocks = declared_blocks(source.path, source)
+    fixed = fixed_blocks_of_folder(source.path, source)
     report, fixed_plan = inputs.report, inputs.plan
     if fixed_plan is None:
         assert recipe_file is not None  # guaranteed by _one_of
@@ -440,8 +459,9 @@ def _prune_out_of_core(
                 fix="run `compressor calibrate MODEL --data D -o calibration.json` first and pass "
                 "--calibration, or use an explicit recipe or a saved --plan.",
             )
-        fixed_plan = replace(plan(recipe_file.recipe, num_blocks, report), recipe_text=recipe_file.text)
+        fixed_plan = replace(plan(recipe_file.recipe, num_blocks, report, fixed), recipe_text=recipe_file.text)
     fixed_plan.check_model(num_blocks, source.public_name)
+    fixed_plan.check_fixed(fixed)
     if dry_run:
         return PruneResult(plan=fixed_plan, export=None, calibration=report)
     _refuse_empty(fixed_plan)
@@ -489,12 +509,14 @@ def _prune_loaded(
     out_of_core: bool = False,
 ) -> PruneResult:
     num_blocks = loaded.adapter.num_blocks(loaded.model.config)
+    fixed = loaded.adapter.fixed_blocks(loaded.model.config)
     if fixed_plan is None:
         assert recipe_file is not None  # prune/run give a recipe or a plan
-        surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report), recipe_text=recipe_file.text)
+        surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report, fixed), recipe_text=recipe_file.text)
     else:
         surgery_plan = fixed_plan
     surgery_plan.check_model(num_blocks, loaded.source.public_name)
+    surgery_plan.check_fixed(fixed)
     log.debug("%s", surgery_plan.describe())
     if dry_run:
         return PruneResult(plan=surgery_plan, export=None, calibration=report)

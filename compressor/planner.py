@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,16 @@ class SurgeryPlan:
             raise PlanError(
                 f"The plan (recipe '{self.recipe}') was made for a model with {self.num_blocks} blocks, but '{model}' has {num_blocks}.",
                 fix="make a plan for this model: `compressor plan --recipe R --model MODEL -o plan.json`.",
+            )
+
+    def check_fixed(self, fixed: Mapping[int, str]) -> None:
+        """Refuse a plan that removes a block the model's family fixes in place
+        (`Adapter.fixed_blocks`): the pruned model would compute something else."""
+        clash = [i for i in self.removed_indices if i in fixed]
+        if clash:
+            raise PlanError(
+                f"The plan (recipe '{self.recipe}') removes {_fixed_blocks_text(clash, fixed)}.",
+                fix=f"make the plan again without block(s) {clash}; `compressor plan` skips them itself.",
             )
 
     def describe(self) -> str:
@@ -242,8 +253,28 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = None) -> SurgeryPlan:
+def _fixed_blocks_text(indices: list[int], fixed: Mapping[int, str]) -> str:
+    reasons: dict[str, list[int]] = {}
+    for i in indices:
+        reasons.setdefault(fixed[i], []).append(i)
+    parts = [f"block{'s' if len(b) > 1 else ''} {', '.join(map(str, b))} ({reason})" for reason, b in reasons.items()]
+    return "; ".join(parts) + ", which cannot be removed without changing the model"
+
+
+def report_fixed_blocks(report: CalibrationReport | None) -> dict[int, str]:
+    """The fixed blocks a calibration report recorded from its model's config (`model.fixed_blocks`)."""
+    found = report.model.get("fixed_blocks") if report is not None else None
+    if not isinstance(found, dict):
+        return {}
+    return {int(k): str(v) for k, v in found.items() if str(k).isdigit()}
+
+
+def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = None, fixed: Mapping[int, str] | None = None) -> SurgeryPlan:
+    """``fixed``: blocks the model's family cannot lose ({index: reason}, `Adapter.fixed_blocks`);
+    None takes those the calibration report recorded. Selections skip them and say so in the
+    notes; a recipe that lists one is refused."""
     select = recipe.select
+    fixed = {i: r for i, r in (report_fixed_blocks(report) if fixed is None else fixed).items() if 0 <= i < num_blocks}
     if report is not None and report.num_blocks != num_blocks:
         raise PlanError(
             f"The calibration report measured {report.num_blocks} blocks but the model has {num_blocks}.",
@@ -257,6 +288,16 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
     protected = _protected(select, num_blocks)
     budget = _budget(select, num_blocks)
     notes: list[str] = []
+    if isinstance(select, Explicit):
+        listed = sorted({i % num_blocks for i in select.blocks if -num_blocks <= i < num_blocks} & set(fixed))
+        if listed:
+            raise PlanError(
+                f"select.blocks removes {_fixed_blocks_text(listed, fixed)}.",
+                fix=f"drop block(s) {listed} from select.blocks.",
+            )
+    if fixed:
+        protected |= set(fixed)
+        notes.append(f"{_fixed_blocks_text(sorted(fixed), fixed)}: protected, never selected")
     if isinstance(select, Explicit):
         chosen, criterion = _explicit(select, num_blocks, protected, budget)
         reasons = dict.fromkeys(chosen, "listed in recipe")

@@ -59,6 +59,7 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan, adapter: Adapter) -> nn.Modu
     kept = plan.kept
     if not kept:
         raise PlanError("The plan removes every block.", fix="keep at least one block.")
+    plan.check_fixed(adapter.fixed_blocks(model.config))
     configs = _decoder_configs(model, adapter)
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
     for new_index, block in enumerate(new_blocks):

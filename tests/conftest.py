@@ -53,6 +53,9 @@ from transformers import (  # noqa: E402
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
     SiglipImageProcessor,
     SiglipVisionConfig,
 )
@@ -66,15 +69,15 @@ from compressor.demo.processor import CHAT_TEMPLATE, IMAGE, build_llava_processo
 from compressor.loading import video_processor_placeholder  # noqa: E402
 
 WORDS = "what color shape is the how many red blue green circle square one two three describe count to".split()
-FAMILIES = ("llava", "llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3")
-MULTIMODAL = frozenset({"llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3"})
+FAMILIES = ("llava", "llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3")
+MULTIMODAL = frozenset({"llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3"})
 
 # Image tokens per 16x16 calibration image, as each family's vision tower produces them:
 # LLaVA 16/4 squared patches; Qwen 24x24 (min_pixels) / patch 4 = 6x6 grid, merged 2x2 -> 9;
 # Idefics3 resized to 32, split into 2x2 crops of 16 plus the global image, 4 tokens each
 # (16/4 squared patches, pixel-shuffled by 2x2) -> 20; PaliGemma 16/4 squared patches -> 16;
 # Gemma3 mm_tokens_per_image (16 patches average-pooled 2x2) -> 4.
-IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 9, "qwen2_5_vl": 9, "idefics3": 20, "paligemma": 16, "gemma3": 4}
+IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 9, "qwen2_5_vl": 9, "qwen3_vl": 9, "idefics3": 20, "paligemma": 16, "gemma3": 4}
 
 # Each family's image placeholder in the chat template (CHAT_TEMPLATE writes LLaVA's "<image>").
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -83,6 +86,18 @@ IDEFICS3_SPECIAL = ("<fake_token_around_image>", "<global-img>", "<end_of_uttera
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
 )
 GEMMA3_SPECIAL = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+
+
+def removable(removed: list[int], fixed, num_blocks: int = 6) -> list[int]:
+    """``removed`` with each block the family fixes in place (`Adapter.fixed_blocks`, e.g. Qwen3-VL's
+    DeepStack blocks) replaced by the first free block after it: "first" means first removable."""
+    chosen: list[int] = []
+    for index in removed:
+        while index in fixed or index in chosen:
+            index += 1
+        assert index < num_blocks, (removed, fixed)
+        chosen.append(index)
+    return sorted(chosen)
 
 
 @dataclass
@@ -172,7 +187,7 @@ def _siglip(**extra) -> SiglipVisionConfig:
     )
 
 
-def _qwen_vl(family: str, layers: int):
+def _qwen_vl(family: str, layers: int, deepstack: int = 1):
     tokenizer = _bpe_tokenizer(
         "qwen", Qwen2TokenizerFast, special_tokens=QWEN_SPECIAL, chat_template=CHAT_TEMPLATE.replace(IMAGE, QWEN_IMAGE)
     )
@@ -184,7 +199,7 @@ def _qwen_vl(family: str, layers: int):
         video_processor = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     else:
         video_processor = video_processor_placeholder()
-    processor_class = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+    processor_class = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
     processor = processor_class(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=tokenizer.chat_template
     )
@@ -194,6 +209,24 @@ def _qwen_vl(family: str, layers: int):
             tokenizer.convert_tokens_to_ids(QWEN_SPECIAL),
         )
     )
+    common = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen3_vl":
+        # No sliding window; interleaved M-RoPE over head_dim/2 = 4 frequencies. DeepStack: the
+        # first vision block's features are added to the output of decoder block 0, so block 0
+        # is fixed (the adapter's fixed_leading_key); 16 position embeddings, a 4x4 grid.
+        rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+        text = dict(**_text_kwargs(tokenizer, layers), head_dim=8, rope_scaling=rope)
+        vision = dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=list(range(deepstack)),
+            **common,
+        )
+        return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)), processor
     # M-RoPE splits head_dim/2 = 4 rotary frequencies over (time, height, width).
     # Like qwen2: the first 2 blocks full attention, the rest sliding over a short window.
     text = dict(
@@ -203,7 +236,6 @@ def _qwen_vl(family: str, layers: int):
         sliding_window=6,
         max_window_layers=2,
     )
-    common = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2_vl":
         vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, **common)
         return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)), processor
@@ -280,8 +312,9 @@ def _gemma3(layers: int):
     return model, processor
 
 
-def build_tiny(family: str, layers: int = 6, seed: int = 0):
-    """(model, processor) of ``family`` with random weights, float32, eval mode."""
+def build_tiny(family: str, layers: int = 6, seed: int = 0, deepstack: int = 1):
+    """(model, processor) of ``family`` with random weights, float32, eval mode (``deepstack``:
+    Qwen3-VL's DeepStack levels, one per vision block, so at most 2)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(WORDS)
     if family == "llava":
@@ -312,8 +345,8 @@ def build_tiny(family: str, layers: int = 6, seed: int = 0):
         # First 2 blocks full attention, the rest sliding: layer_types mixes both kinds.
         config = Qwen2Config(**_text_kwargs(tokenizer, layers), use_sliding_window=True, sliding_window=6, max_window_layers=2)
         processor, model = tokenizer, Qwen2ForCausalLM(config)
-    elif family in ("qwen2_vl", "qwen2_5_vl"):
-        model, processor = _qwen_vl(family, layers)
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        model, processor = _qwen_vl(family, layers, deepstack)
     elif family == "idefics3":
         model, processor = _idefics3(layers)
     elif family == "paligemma":

@@ -74,6 +74,7 @@ PROCESSORS = {
     "llava": "LlavaProcessor",
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
     "idefics3": "Idefics3Processor",
     "paligemma": "PaliGemmaProcessor",
     "gemma3": "Gemma3Processor",

@@ -52,7 +52,10 @@ def test_scan_equals_the_model_run_with_each_block_skipped(family, tiny_models):
     scan(model, adapter, Head(model, adapter), batch, sums)
     original = _scored_logits(model, adapter, batch, [], rows)
     assert sums.base_loss == pytest.approx(float(F.cross_entropy(original, targets, reduction="sum")), rel=1e-5)
+    fixed = adapter.fixed_blocks(model.config)  # never a candidate in `measure` (Qwen3-VL's DeepStack blocks)
     for index in range(num_blocks):
+        if index in fixed:
+            continue
         loss, kl = _naive_sums(model, adapter, batch, [index], rows, targets, original)
         assert sums.loss[index] == pytest.approx(loss, rel=1e-5, abs=1e-4)
         assert sums.kl[index] == pytest.approx(kl, rel=1e-4, abs=1e-4)
@@ -289,3 +292,38 @@ def test_scans_through_an_offloading_device_map_give_the_same_figures(tiny_model
     assert "meta" in spread["model"]["devices"]
     assert spread["metrics"]["greedy"] == plain["metrics"]["greedy"]
     assert spread["metrics"]["ablation_kl"]["all"] == pytest.approx(plain["metrics"]["ablation_kl"]["all"], rel=1e-5)
+
+
+@torch.no_grad()
+def test_scan_replays_what_the_model_adds_after_fixed_blocks(tmp_path):
+    """Qwen3-VL with two DeepStack levels: blocks 0 and 1 get vision features added to their
+    outputs by the model's loop; the scan records and replays them, so each other block's loss
+    and KL are still those of the model run with it skipped, and calibration never offers a
+    fixed block for removal."""
+
+    from .conftest import TinyModel, build_tiny, write_data
+
+    model, processor = build_tiny("qwen3_vl", deepstack=2)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    tiny = TinyModel("qwen3_vl", tmp_path / "m", write_data(tmp_path / "data", images=True))
+    loaded, batch = _batch(tiny)
+    model, adapter = loaded.model, loaded.adapter
+    assert list(adapter.fixed_blocks(model.config)) == [0, 1]
+    rows, targets = scored_positions(batch, adapter.image_token_id(model.config))
+    original = _scored_logits(model, adapter, batch, [], rows)
+    for removed in (frozenset(), frozenset({3})):
+        sums = Sums(6)
+        candidates = [i for i in range(2, 6) if i not in removed]
+        scan(model, adapter, Head(model, adapter), batch, sums, removed=removed, candidates=candidates)
+        base = _naive_sums(model, adapter, batch, sorted(removed), rows, targets, original)[0]
+        assert sums.base_loss == pytest.approx(base, rel=1e-5)
+        for index in candidates:
+            loss, kl = _naive_sums(model, adapter, batch, sorted({*removed, index}), rows, targets, original)
+            assert sums.loss[index] == pytest.approx(loss, rel=1e-5, abs=1e-4)
+            assert sums.kl[index] == pytest.approx(kl, rel=1e-4, abs=1e-4)
+    options = CalibrationOptions(batch_size=3, ablation=True, greedy=2)
+    report = calibrate(model, loaded.processor, adapter, load_samples(tiny.data)[:3], options=options)
+    assert report.metrics["ablation_loss"]["all"][:2] == [None, None]
+    assert set(report.metrics["greedy"]["order"]).isdisjoint({0, 1})
+    assert report.model["fixed_blocks"] == {"0": adapter.fixed_reason, "1": adapter.fixed_reason}

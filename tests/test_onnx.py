@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from compressor import onnx_runtime
+from compressor.architectures import ADAPTERS
 from compressor.cli import main
 from compressor.data import Sample, build_batch, load_samples
 from compressor.errors import OutputExistsError, UnsupportedArchitectureError
@@ -28,11 +29,14 @@ from compressor.surgery import apply_plan, count_parameters
 from .conftest import FAMILIES, MULTIMODAL
 from .test_surgery import make_plan
 
-TEXT = tuple(f for f in FAMILIES if f not in MULTIMODAL)
-VLM = tuple(f for f in FAMILIES if f in MULTIMODAL)
+# Families whose adapter refuses ONNX (`Adapter.onnx_refusal`) are checked for the refusal instead.
+_ADAPTERS = {a.family: a for a in ADAPTERS}
+REFUSED = tuple(f for f in FAMILIES if not _ADAPTERS[f].onnx)
+TEXT = tuple(f for f in FAMILIES if f not in MULTIMODAL and f not in REFUSED)
+VLM = tuple(f for f in FAMILIES if f in MULTIMODAL and f not in REFUSED)
 REMOVED = [1, 4]  # of 6: keeps a mix of sliding and full layers where the family has both
 # Text decoders export through optimum-onnx (the "optimum" layout); VLMs through our own split graphs.
-EVERY_LAYOUT = [pytest.param(f, marks=pytest.mark.optimum_onnx) if f in TEXT else f for f in FAMILIES]
+EVERY_LAYOUT = [pytest.param(f, marks=pytest.mark.optimum_onnx) if f in TEXT else f for f in (*TEXT, *VLM)]
 
 
 @pytest.fixture(scope="module")
@@ -284,4 +288,15 @@ def test_arch_list_says_which_families_export(capsys):
     assert "onnx" in header.split()
     for family in FAMILIES:
         row = next(r for r in rows if r.startswith(family + " "))
+        if family in REFUSED:
+            assert "no: " + _ADAPTERS[family].onnx_refusal in row
+            continue
         assert ("split (vision, embed, decoder)" if family in MULTIMODAL else "model.onnx (optimum") in row
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_family_without_onnx_support_is_refused_with_its_reason(family, pruned, tmp_path):
+    with pytest.raises(UnsupportedArchitectureError, match="cannot be exported to ONNX") as caught:
+        export_onnx(pruned[family], tmp_path / "onnx")
+    assert _ADAPTERS[family].onnx_refusal in caught.value.message
+    assert not (tmp_path / "onnx").exists()

@@ -156,3 +156,34 @@ def test_bad_recipes(text, expected):
     with pytest.raises(RecipeError, match=None) as error:
         parse_recipe(text)
     assert expected in str(error.value)
+
+
+FIXED = {0: "DeepStack (test)", 1: "DeepStack (test)"}  # as `Adapter.fixed_blocks` gives them
+
+
+def test_fixed_blocks_are_refused_when_listed_and_skipped_by_selections():
+    # Listed: refused, naming the block and the reason.
+    with pytest.raises(PlanError, match=r"block 1 \(DeepStack \(test\)\), which cannot be removed"):
+        plan(recipe("{op: explicit, blocks: [1, 4]}"), 8, fixed=FIXED)
+    assert plan(recipe("{op: explicit, blocks: [2, 4]}"), 8, fixed=FIXED).removed_indices == [2, 4]
+    # Selections skip them like protected blocks, and say so in the notes.
+    values = {"block_influence": [0.0, 0.01, 0.5, 0.3, 0.2, 0.6, 0.7, 0.8]}
+    r = report(values, {1: [0.0, 0.0, 0.5, 0.3, 0.2, 0.6, 0.7, 0.8], 2: [0.0, 0.1, 0.9, 0.4, 0.5, 0.8, 0.9]})
+    r.metrics["greedy"] = {"order": [0, 1, 4, 3], "steps": [{"block": b, "loss": 1.0 + i, "kl": 0.1} for i, b in enumerate([0, 1, 4, 3])]}
+    for select, expected in [
+        ("{op: lowest, metric: block_influence, count: 2}", [3, 4]),
+        ("{op: conditions, where: [{metric: block_influence, below: 0.35}]}", [3, 4]),
+        ("{op: span, n: 2}", [3, 4]),
+        ("{op: greedy, count: 2}", [3, 4]),
+    ]:
+        result = plan(recipe(select), 8, r, fixed=FIXED)
+        assert result.removed_indices == expected, select
+        assert {0, 1} <= set(result.protected)
+        assert any("blocks 0, 1 (DeepStack (test))" in note and "never selected" in note for note in result.notes), result.notes
+    # Given only a report, the planner takes the fixed blocks the report recorded.
+    r.model["fixed_blocks"] = {"0": "DeepStack (test)"}
+    assert plan(recipe("{op: lowest, metric: block_influence, count: 1}"), 8, r).removed_indices == [1]
+    # A plan that removes one (e.g. a saved plan) is refused when checked against the model.
+    made = plan(recipe("{op: explicit, blocks: [0]}"), 8)
+    with pytest.raises(PlanError, match=r"removes block 0 \(DeepStack \(test\)\)"):
+        made.check_fixed(FIXED)

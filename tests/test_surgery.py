@@ -20,7 +20,7 @@ from compressor.export import export_hf
 from compressor.planner import RemovedBlock, SurgeryPlan
 from compressor.surgery import apply_plan, check_invariants, count_parameters, layer_period, skip_blocks
 
-from .conftest import build_tiny, write_data
+from .conftest import build_tiny, removable, write_data
 
 
 def make_plan(removed: list[int], num_blocks: int = 6) -> SurgeryPlan:
@@ -84,7 +84,7 @@ def test_pruned_equals_skipped_original(tiny, case):
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     samples = load_samples(tiny.data)[:3]
     batch = build_batch(processor, samples, with_answer=True)
-    removed = REMOVALS[case]
+    removed = removable(REMOVALS[case], adapter.fixed_blocks(model.config))
     with torch.no_grad(), skip_blocks(model, adapter, removed):
         expected = model(**batch.inputs, use_cache=False).logits
     pruned = apply_plan(copy.deepcopy(model), make_plan(removed), adapter)
@@ -246,3 +246,44 @@ def test_tied_embeddings_export_reloads_clean(tmp_path):
     reloaded, info = type(model).from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+def test_qwen3_vl_deepstack_block_is_fixed_and_a_later_one_removes_exactly(tiny_models, tmp_path, capsys):
+    """Qwen3-VL adds DeepStack vision features to the output of the first blocks *by position*:
+    removing one shifts the features onto another block (not exact), so it is refused
+    everywhere; removing a later block is exact."""
+    from dataclasses import replace as replace_field
+
+    from .conftest import run_cli
+
+    tiny = tiny_models["qwen3_vl"]
+    loaded = tiny.load()
+    model, adapter = loaded.model, loaded.adapter
+    fixed = adapter.fixed_blocks(model.config)
+    assert list(fixed) == list(range(len(model.config.vision_config.deepstack_visual_indexes))) == [0]
+    assert "DeepStack" in fixed[0]
+    batch = build_batch(loaded.processor, load_samples(tiny.data)[:2], with_answer=True)
+    with pytest.raises(PlanError, match="block 0 .*DeepStack.*cannot be removed"):
+        apply_plan(copy.deepcopy(model), make_plan([0]), adapter)
+    # Why: without the rule, removing block 0 changes the image positions' logits.
+    unguarded = replace_field(adapter, fixed_leading_key="")
+    with torch.no_grad(), skip_blocks(model, adapter, [0]):
+        expected = model(**batch.inputs, use_cache=False).logits
+    with torch.no_grad():
+        assert not torch.allclose(apply_plan(copy.deepcopy(model), make_plan([0]), unguarded)(**batch.inputs).logits, expected, atol=1e-3)
+    # A later block: exact.
+    with torch.no_grad(), skip_blocks(model, adapter, [1]):
+        expected = model(**batch.inputs, use_cache=False).logits
+    with torch.no_grad():
+        assert torch.equal(apply_plan(copy.deepcopy(model), make_plan([1]), adapter)(**batch.inputs).logits, expected)
+    # The CLI: a recipe listing it and a saved plan removing it both exit 2, naming the block.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: deepstack\nselect: {op: explicit, blocks: [0, 3]}\n")
+    code, _, err = run_cli(capsys, "plan", "--recipe", recipe, "--model", tiny.path)
+    assert code == 2 and "block 0 (DeepStack" in err, err
+    plan_file = tmp_path / "plan.json"
+    make_plan([0, 3]).save(plan_file)
+    for extra in ([], ["--out-of-core"]):
+        code, _, err = run_cli(capsys, "prune", tiny.path, "--plan", plan_file, "-o", tmp_path / f"out{len(extra)}", *extra)
+        assert code == 2 and "block 0 (DeepStack" in err, (extra, err)
+        assert not (tmp_path / f"out{len(extra)}").exists()
