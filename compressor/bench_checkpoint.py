@@ -1,11 +1,11 @@
 """Benchmark of out-of-core checkpoint surgery as users run it: `compressor prune --out-of-core`
 against `cp -r` of the same ≥ 1 GB checkpoint, both as whole processes.
 
-    python -m compressor.bench_checkpoint [--preset tinyllama-1.1b] [--layers 12] [--remove 3,6,9]
+    python -m compressor.bench_checkpoint [--preset tinyllama-1.1b] [--layers 22] [--remove 3,6,9]
 
 Generates a random bf16 sharded safetensors checkpoint with the tensor names and shapes of a
-real model (only the number of blocks is cut down; names and shapes come from transformers'
-own model on the meta device, so it loads as that config), written from one reused random
+real model (by default TinyLlama-1.1B whole, 2.2 GB; ``--layers`` makes it shorter; names and
+shapes come from transformers' own model on the meta device, so it loads as that config), written from one reused random
 block, in a temporary folder deleted afterwards. Then it times, interleaved, the median of
 ``--rounds`` wall-clock runs of each whole process (start-up and imports included):
 
@@ -15,7 +15,8 @@ block, in a temporary folder deleted afterwards. Then it times, interleaved, the
     python -c "import compressor.pipeline"                                (what prune imports)
 
 and reports prune / copy against the target (≤ 2, reported only: start-up imports count in
-it) and the prune's peak RSS (``wait4``) against the budget "largest tensor + 300 MB", which
+it), for the medians and for the fastest run of each (cp on this VM is bimodal, 0.3 or 0.8 s
+for 1.3 GB: its fastest runs are the harder baseline) and the prune's peak RSS (``wait4``) against the budget "largest tensor + 300 MB", which
 alone sets the exit status. The page cache cannot be dropped without root, so every command
 runs once untimed first: both read a warm source. Dirty pages are flushed (``sync``, untimed)
 before each run so that one run's writeback is not billed to the next.
@@ -241,6 +242,9 @@ def run(args: argparse.Namespace) -> int:
     for label, seconds in median.items():
         note = f"   {ratio:.2f} × cp -r, peak RSS {peak / mb:.0f} MiB" if label == PRUNE else ""
         print(f"  {label:<40} {seconds:>6.2f}{note}")
+    best = {label: min(s for s, _ in runs[label]) for label in ("cp -r", PRUNE)}
+    best_ratio = best[PRUNE] / best["cp -r"]
+    print(f"  {'fastest runs, prune / cp -r':<40} {best[PRUNE]:>6.2f} / {best['cp -r']:.2f} = {best_ratio:.2f} × cp -r")
     rewrite_s = prune_s - median[IMPORT_PRUNE]
     print(f"  {'prune less its imports (difference)':<40} {rewrite_s:>6.2f}   {rewrite_s / copy_s:.2f} × cp -r")
     if strategies:
@@ -248,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
         for label, seconds in strategies.items():
             print(f"  {label:<40} {seconds:>6.2f}   {generated.total_bytes / 1e9 / seconds:.2f} GB/s")
     print(
-        f"\ntargets: prune ≤ {RATIO_TARGET:g} × cp -r as whole processes: {ratio:.2f} -> {'met' if ratio <= RATIO_TARGET else 'NOT MET'}; "
+        f"\ntargets: prune ≤ {RATIO_TARGET:g} × cp -r as whole processes: median {ratio:.2f}, fastest {best_ratio:.2f} -> "
+        f"{'met' if max(ratio, best_ratio) <= RATIO_TARGET else 'NOT MET'}; "
         f"peak RSS < largest tensor + 300 MiB = {budget / mb:.0f} MiB: {peak / mb:.0f} -> {'PASS' if peak < budget else 'FAIL'}"
     )
     # Only memory fails the run: the time ratio depends on start-up imports too, reported above.
@@ -258,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compressor.bench_checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama-1.1b")
-    parser.add_argument("--layers", type=int, default=12, help="decoder blocks in the generated checkpoint")
+    parser.add_argument("--layers", type=int, default=22, help="decoder blocks in the generated checkpoint (22: TinyLlama-1.1B itself)")
     parser.add_argument("--remove", default="3,6,9", help="comma-separated block indices to remove")
     parser.add_argument("--shard-mb", type=float, default=500.0, help="maximum shard size")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each command; the median is reported")

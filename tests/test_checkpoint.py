@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import tracemalloc
 from collections import Counter
@@ -522,6 +523,61 @@ def test_a_failing_hash_stops_the_rewrite_and_leaves_nothing(tiny_models, tmp_pa
     with pytest.raises(OSError, match="I/O error"):
         rewrite_checkpoint(tiny_models["llama"].path, tmp_path / "out", make_plan([1]), loaded.adapter, chunk_size=1000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_are_written_side_by_side(tiny_models, tmp_path, monkeypatch):
+    """Each shard is hashed at one core's speed, so the shards go at once (not one after another)."""
+    loaded = tiny_models["llava"].load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    active, most = 0, 0
+    lock = threading.Lock()
+    original = checkpoint.write_shard
+
+    def tracked(*args, **kwargs):
+        nonlocal active, most
+        with lock:
+            active += 1
+            most = max(most, active)
+        time.sleep(0.05)  # long enough that writers started together overlap
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr(checkpoint, "write_shard", tracked)
+    result = rewrite_checkpoint(source, tmp_path / "out", make_plan([1]), loaded.adapter)
+    assert len(result.weight_files) >= 3
+    assert most == min(len(result.weight_files), checkpoint.MAX_PARALLEL_SHARDS)
+    apply_plan(copy.deepcopy(loaded.model), make_plan([1]), loaded.adapter).save_pretrained(tmp_path / "mem")
+    assert_same_tensors(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "mem"))
+
+
+def test_one_failing_shard_stops_the_others_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    loaded = tiny_models["llava"].load()
+    source = save_source(loaded.model, loaded.processor, tmp_path / "src", sharded=True)
+    original = checkpoint.write_shard
+    tensors_after_failure: list[str] = []
+    failed = threading.Event()
+
+    def second_fails(shard, path, chunk_size, on_tensor):
+        def counted(nbytes):
+            if failed.is_set():
+                tensors_after_failure.append(shard.name)
+            on_tensor(nbytes)
+
+        if shard.name.startswith("model-00002-"):
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        time.sleep(0.05)  # the failure comes first
+        return original(shard, path, chunk_size, counted)
+
+    monkeypatch.setattr(checkpoint, "write_shard", second_fails)
+    with pytest.raises(InsufficientSpaceError, match="disk is full"):  # the real error, not the others' stop
+        rewrite_checkpoint(source, tmp_path / "out", make_plan([1]), loaded.adapter)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # Every other writer stopped at its first tensor after the failure.
+    assert Counter(tensors_after_failure) and max(Counter(tensors_after_failure).values()) == 1
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,13 @@ def test_card_front_matter_and_model_index_come_from_the_report(copy, capsys):
     assert metrics["exact_match"] == round(100 * report["accuracy"]["tasks"]["vqa"]["pruned"], 2)
     assert metrics["top1_agreement"] == round(100 * report["accuracy"]["fidelity"]["top1_agreement"], 2)
     assert meta["model-index"][0]["name"] == "tiny-pruned"
+    # The Hub's own parser reads the same metadata back: every field, every evaluation result.
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(card).data
+    assert parsed.to_dict() == meta
+    assert {r.metric_type: r.metric_value for r in parsed.eval_results} == metrics
+    assert {(r.task_type, r.dataset_type, r.dataset_name) for r in parsed.eval_results} == {("image-text-to-text", "json", "data.jsonl")}
     body = card.split("---\n", 2)[2]
     assert "## Evaluation" in body and "### Verdict: ✅ PASS" in body and "### Accuracy" in body
     assert "| 2 | listed in recipe |" in body and "| 4 | listed in recipe |" in body

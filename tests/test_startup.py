@@ -1,4 +1,4 @@
-"""Commands that need no model import neither torch nor transformers (seconds and hundreds of
+"""Commands that need no model import neither torch nor transformers, numpy nor huggingface_hub (seconds and hundreds of
 MB each): `--help`, `recipe check`, `plan` (from a report or a model's config.json), `arch list`."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PROBE = """
 import sys
 from compressor.cli import main
 code = main(sys.argv[1:])
-heavy = sorted(m for m in ("torch", "transformers", "onnx", "onnxruntime") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "onnx", "onnxruntime", "numpy", "huggingface_hub") if m in sys.modules)
 print("HEAVY:" + ",".join(heavy), file=sys.stderr)
 sys.exit(code)
 """
