@@ -4,34 +4,34 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-v5 test-slow demo bench bench-scale bench-quality lint clean
+.PHONY: install test test-457 test-slow demo bench bench-scale bench-quality bench-gpu lint clean
 
 install: $(STAMP)
 
-# torch==2.13.0 is pinned in pyproject.toml: pip takes the local CPU wheel, not CUDA packages.
-$(STAMP): pyproject.toml
+# constraints.txt pins what CI runs (transformers 5.x); torch's +cpu pin takes the local CPU
+# wheel, not CUDA packages. pyproject.toml itself declares ranges.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
 
-# The suite on transformers 5 (issue 15) in its own venv, pinned by constraints-v5.txt; compressor itself
-# without its dependencies (pyproject.toml pins the 4.57 set). Tests that export through optimum-onnx skip.
-V5_VENV ?= .venv-v5
-V5_STAMP := $(V5_VENV)/.installed
+# The transformers 4.57 leg, in its own venv (constraints-457.txt): the last 4.x, and the one set where
+# optimum-onnx's ORTModelForCausalLM runs (it loads compressor's text exports). CI runs it after `make test`.
+LEGACY_VENV ?= .venv-457
+LEGACY_STAMP := $(LEGACY_VENV)/.installed
 
-$(V5_STAMP): pyproject.toml constraints-v5.txt
-	$(PYTHON) -m venv $(V5_VENV)
-	$(V5_VENV)/bin/pip install --quiet --upgrade pip
-	$(V5_VENV)/bin/pip install --quiet -r constraints-v5.txt
-	$(V5_VENV)/bin/pip install --quiet --no-deps -e .
-	touch $(V5_STAMP)
+$(LEGACY_STAMP): pyproject.toml constraints-457.txt
+	$(PYTHON) -m venv $(LEGACY_VENV)
+	$(LEGACY_VENV)/bin/pip install --quiet --upgrade pip
+	$(LEGACY_VENV)/bin/pip install --quiet -c constraints-457.txt -e ".[dev,legacy-onnx]"
+	touch $(LEGACY_STAMP)
 
-test-v5: $(V5_STAMP)
-	$(V5_VENV)/bin/python -m pytest -q
+test-457: $(LEGACY_STAMP)
+	$(LEGACY_VENV)/bin/python -m pytest -q
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
@@ -54,8 +54,14 @@ bench-scale: install
 bench-quality: install
 	$(BIN)/python -m compressor.bench_quality
 
+# GPU figures in one table, < 8 min on one H200 (a random Qwen3-VL-8B in bf16): no venv and no install,
+# the GPU machine's own python3 and CUDA torch; pydantic travels as wheels (compressor/bench_gpu.py).
+# `make bench-gpu PYTHON=.venv/bin/python ARGS=--smoke`: the same code at tiny shapes on a CPU, in seconds.
+bench-gpu:
+	$(PYTHON) -m compressor.bench_gpu $(ARGS)
+
 lint: install
 	$(BIN)/ruff check compressor tests
 
 clean:
-	rm -rf $(VENV) $(V5_VENV) build *.egg-info
+	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info

@@ -3,8 +3,13 @@
 An `Adapter` says where a family keeps its text decoder blocks (candidate module paths,
 resolved against the live model), where its block count lives in the config (a dotted path),
 which per-layer config lists must be *selected* by kept index, which index-valued config
-fields must be remapped, which attributes carry a block's own index, the on-disk tensor-name
-prefix of a block, and how image tokens are recognised. Nothing outside this module branches
+fields must be remapped, which config lists of block numbers must be renumbered, which block
+kinds are chosen by a period (`StepRule`: Qwen-MoE's sparse blocks), which layer type a plan
+must keep, which attributes carry a block's own index, the on-disk tensor-name prefix of a
+block, the tensors and config fields sized, keyed or counted by block (Gemma 4's per-layer
+embeddings, `per_layer_config`, `num_kv_shared_layers`), the blocks a config forbids removing
+(KV-sharing sources, the layer type forced last), and how image tokens are recognised.
+`reindex`, `block_tensors` and `block_limits` apply these rules. Nothing outside this module branches
 on the model family; adding a family is adding one `Adapter` to `ADAPTERS` plus a test.
 """
 
@@ -15,10 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .block_tensors import BlockTensor
 from .errors import UnsupportedArchitectureError
 
 if TYPE_CHECKING:  # torch only where models are touched: `plan`, `arch list` never import it
     from torch import nn
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """A block kind chosen by index: block i is of the kind iff i is not in config.<exceptions>
+    and (i + 1) % config.<step> == 0 (Qwen-MoE: sparse-MoE MLP, else dense). Renumbering can
+    break the period (keep blocks 0 1 3 of a step-2 model: kinds D S S), so after surgery the
+    step stays only if it, with the renumbered exceptions, still gives every kept block its
+    kind; otherwise the kinds are stated as a list: step 1, exceptions = the other-kind blocks."""
+
+    step: str  # config int: the period
+    exceptions: str  # config list of block numbers that are never of the kind (also in index_lists)
+    kind: str  # what the kind is, for messages: "a sparse-MoE MLP"
 
 
 @dataclass(frozen=True)
@@ -38,16 +57,44 @@ class Adapter:
     # again what `layer_types` says, so after selection they are recomputed from the kept
     # `layer_types`, or set to None when no period reproduces it (layer_types stays the truth).
     layer_period_fields: tuple[str, ...] = ()
+    # Config lists of block numbers (Qwen-MoE's `mlp_only_layers`: the dense blocks): the entries
+    # of kept blocks are kept, renumbered; those of removed blocks go.
+    index_lists: tuple[str, ...] = ()
+    # Block kinds decided by a period and an exception list (`StepRule`); kept blocks must build
+    # the same kind after renumbering.
+    step_rules: tuple[StepRule, ...] = ()
+    # A `layer_types` value at least one kept block must have, and why; a plan removing every
+    # such block is refused (`reindex.check_reindex`).
+    required_layer_type: str = ""
+    required_reason: str = ""
+    # Config dicts keyed by block index (transformers 5's `per_layer_config`): the kept blocks'
+    # entries are re-keyed to their new indices, the removed blocks' entries go.
+    block_dicts: tuple[str, ...] = ()
+    # Config ints counting blocks from the end (Gemma 4's `num_kv_shared_layers`): set to the
+    # number of kept blocks among those last ones.
+    tail_count_fields: tuple[str, ...] = ()
+    # Tensors of the decoder with one slice per block (Gemma 4's per-layer embeddings): cut to
+    # the kept blocks' slices in memory and out of core (block_tensors.py).
+    block_tensors: tuple[BlockTensor, ...] = ()
+    # Ints on the module holding the block list that count blocks from the start, computed by
+    # its __init__ from the config (Gemma 4's `first_kv_shared_layer_idx`): remapped like
+    # index_fields on the model in memory.
+    decoder_index_attrs: tuple[str, ...] = ()
+    # Removal limits (block_limits.py), merged into `fixed_blocks`: the config int counting the
+    # trailing blocks that reuse an earlier block's keys and values (their sources are fixed),
+    # and the layer type transformers forces on the last block.
+    kv_shared_key: str = ""
+    last_layer_type: str = ""
     image_token_keys: tuple[str, ...] = ()  # config attributes holding the image token id
     multimodal: bool = False
     # The decoder attends both ways over the prompt (prefix-LM: the prompt is the prefix, the
     # answer the causally attended suffix). A cache-free reference for cached decoding must then
     # mark generated tokens as suffix, and exporters must not trace a causal graph (FACTS.md).
     prefix_lm: bool = False
-    # ONNX export (onnx_export.py): "optimum" (text-generation-with-past through optimum-onnx),
-    # "split" (vision encoder / token embedding / decoder graphs, onnx_graphs.py), or "" when
-    # the family cannot be exported — `onnx_refusal` then says why.
-    onnx: str = "optimum"
+    # ONNX export (onnx_export.py): "text" (one decoder graph with KV cache, loaded by
+    # onnxruntime-genai), "split" (vision encoder / token embedding / decoder graphs,
+    # onnx_graphs.py), or "" when the family cannot be exported — `onnx_refusal` then says why.
+    onnx: str = "text"
     onnx_refusal: str = ""
     onnx_vision: str = "features"  # how the vision graph calls the tower (onnx_graphs.VisionEncoder)
     # Attention beyond causal that the decoder graph must reproduce: "causal", "prefix" (the
@@ -59,6 +106,12 @@ class Adapter:
     # The planner skips them (and refuses a recipe or plan that lists one), surgery refuses too.
     fixed_leading_key: str = ""
     fixed_reason: str = ""
+    # The transformers release this family needs ("" = any the project supports): a family whose
+    # modeling code this transformers lacks is refused with this version to install. Its code
+    # lives in transformers/models/<transformers_module> (default: the first model type), which
+    # is how `arch list` tells without importing transformers.
+    min_transformers: str = ""
+    transformers_module: str = ""
     notes: tuple[str, ...] = field(default=())
 
     # -- config -----------------------------------------------------------------------------
@@ -71,6 +124,12 @@ class Adapter:
         return f"{self.text_config_path}.{self.count_key}".lstrip(".")
 
     @property
+    def config_keys(self) -> tuple[str, ...]:
+        """Every decoder config key a rule of this adapter rewrites (what `arch list` shows)."""
+        steps = (key for rule in self.step_rules for key in (rule.step, rule.exceptions))
+        return tuple(dict.fromkeys((*self.per_layer_lists, *self.index_fields, *self.layer_period_fields, *self.index_lists, *steps)))
+
+    @property
     def modality_split(self) -> bool:
         """Whether calibration can tell image tokens from text tokens (image/text/all)."""
         return bool(self.image_token_keys)
@@ -79,15 +138,19 @@ class Adapter:
         return int(getattr(self.text_config(config), self.count_key))
 
     def fixed_blocks(self, config: Any) -> dict[int, str]:
-        """{block index: why it cannot be removed} for the leading blocks this config fixes."""
+        """{block index: why it cannot be removed}: the leading blocks this config fixes, and
+        those the removal limits fix (`block_limits`: KV-sharing sources, the last layer type)."""
+        from . import block_limits
+
+        limits = block_limits.fixed_blocks(self, config)
         if not self.fixed_leading_key:
-            return {}
+            return limits
         try:
             values = _walk(config, self.fixed_leading_key)
         except AttributeError:
-            return {}
+            return limits
         count = len(values or ())
-        return {i: self.fixed_reason for i in range(min(count, self.num_blocks(config)))}
+        return {**limits, **{i: self.fixed_reason for i in range(min(count, self.num_blocks(config)))}}
 
     def image_token_id(self, config: Any) -> int | None:
         for key in self.image_token_keys:
@@ -118,8 +181,8 @@ class Adapter:
         """(whether the family exports to ONNX, the layout or the reason it does not)."""
         if not self.onnx:
             return False, self.onnx_refusal
-        if self.onnx == "optimum":
-            return True, "model.onnx (optimum, with past)"
+        if self.onnx == "text":
+            return True, "model.onnx + genai_config.json (onnxruntime-genai, with past)"
         return True, "split (vision, embed, decoder)"
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -137,6 +200,63 @@ def _walk(obj: Any, dotted: str) -> Any:
 
 
 _LLAMA_LIKE = dict(block_paths=("model.layers",), tensor_prefix="model.layers.{index}.")
+# Qwen-MoE decoders: block i builds a sparse-MoE MLP iff i is not in `mlp_only_layers` and
+# (i + 1) % decoder_sparse_step == 0, a dense MLP otherwise (a mismatch loses weights on reload).
+_SPARSE_MOE = StepRule(step="decoder_sparse_step", exceptions="mlp_only_layers", kind="a sparse-MoE MLP")
+_DEEPSTACK = "DeepStack: the vision tower adds features to the image positions of this block's output, by position"
+# Qwen3.5 / 3.6 (dense and MoE; transformers 5 only): a hybrid decoder whose `layer_types` mix
+# Gated DeltaNet (`linear_attention`) and `full_attention` blocks, every
+# `full_attention_interval`-th one full. The cache keeps per-block linear-attention state,
+# indexed by `layer_idx` on both kinds of mixer. Every block of the MoE variant is sparse.
+# Released checkpoints also carry `mtp.*` tensors (a multi-token-prediction head) that
+# transformers ignores on load: the out-of-core rewrite copies them unchanged.
+_QWEN3_5 = dict(
+    block_paths=("model.language_model.layers",),
+    text_config_path="text_config",
+    per_layer_lists=("layer_types",),
+    layer_period_fields=("full_attention_interval",),
+    required_layer_type="full_attention",
+    required_reason=(
+        "transformers' cache reads the sequence length from a full-attention block, so a decoder of "
+        "linear-attention blocks alone cannot generate with a cache"
+    ),
+    tensor_prefix="model.language_model.layers.{index}.",
+    image_token_keys=("image_token_id",),
+    multimodal=True,
+    min_transformers="5.17",
+    notes=("a plan must keep at least one full_attention block",),
+    onnx="",
+    onnx_refusal=(
+        "Qwen3.5's Gated DeltaNet blocks carry a convolution and a recurrent state from token to token, "
+        "and compressor's ONNX decoder graphs pass only a KV cache"
+    ),
+)
+
+# Gemma 4 (transformers 5 only; FACTS.md): `layer_types` sliding/full, the last block forced to
+# full; `per_layer_config` keyed by block index (full-attention blocks carry their own head_dim);
+# per-layer embeddings packed as one slice of width `hidden_size_per_layer_input` per block; the
+# last `num_kv_shared_layers` blocks reuse the keys and values of the last earlier block of their
+# type. MoE blocks (`enable_moe_block`, one flag for every block) keep their router and experts
+# under the block prefix: nothing beyond renaming.
+_GEMMA4 = dict(
+    per_layer_lists=("layer_types",),
+    block_dicts=("per_layer_config",),
+    tail_count_fields=("num_kv_shared_layers",),
+    block_tensors=(
+        BlockTensor(name="embed_tokens_per_layer.weight", axis=1, width_key="hidden_size_per_layer_input"),
+        BlockTensor(name="per_layer_model_projection.weight", axis=0, width_key="hidden_size_per_layer_input"),
+    ),
+    decoder_index_attrs=("first_kv_shared_layer_idx",),
+    kv_shared_key="num_kv_shared_layers",
+    last_layer_type="full_attention",
+    min_transformers="5.17",
+    transformers_module="gemma4",
+    onnx="",
+    onnx_refusal=(
+        "Gemma 4's decoder takes per-layer inputs (a second embedding table, looked up per token and fed to every block) "
+        "and shares keys and values between blocks; the split ONNX decoder graph has neither"
+    ),
+)
 
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
@@ -219,7 +339,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         # DeepStack: vision features k = 0..len(deepstack_visual_indexes)-1 are added to the image
         # positions of the output of the k-th block of the list, by position (FACTS.md).
         fixed_leading_key="vision_config.deepstack_visual_indexes",
-        fixed_reason="DeepStack: the vision tower adds features to the image positions of this block's output, by position",
+        fixed_reason=_DEEPSTACK,
         onnx="",
         onnx_refusal=(
             "Qwen3-VL's DeepStack vision features enter the first decoder blocks, and the split ONNX exporter has no inputs for them"
@@ -271,6 +391,82 @@ ADAPTERS: tuple[Adapter, ...] = (
         # config object that describes the decoder (`surgery._decoder_configs`), not just one.
         notes=("image tokens attend each other both ways (token_type_ids from the processor)",),
     ),
+    Adapter(
+        family="qwen3",
+        architectures=("Qwen3ForCausalLM",),
+        model_types=("qwen3",),
+        # Sliding-window config as Qwen2.
+        per_layer_lists=("layer_types",),
+        index_fields=("max_window_layers",),
+        **_LLAMA_LIKE,
+    ),
+    Adapter(
+        family="qwen3_moe",
+        architectures=("Qwen3MoeForCausalLM",),
+        model_types=("qwen3_moe",),
+        # Experts are one fused tensor per block in memory (transformers 5) but saved per expert
+        # under the same block prefix, so the out-of-core rewrite renames them like any block tensor.
+        index_lists=("mlp_only_layers",),
+        step_rules=(_SPARSE_MOE,),
+        **_LLAMA_LIKE,
+    ),
+    Adapter(
+        family="gemma3_text",
+        architectures=("Gemma3ForCausalLM",),
+        model_types=("gemma3_text",),
+        transformers_module="gemma3",
+        per_layer_lists=("layer_types",),
+        layer_period_fields=("sliding_window_pattern", "_sliding_window_pattern"),
+        **_LLAMA_LIKE,
+    ),
+    Adapter(
+        family="qwen3_vl_moe",
+        architectures=("Qwen3VLMoeForConditionalGeneration",),
+        model_types=("qwen3_vl_moe",),
+        block_paths=("model.language_model.layers",),
+        text_config_path="text_config",
+        # Experts saved fused (`mlp.experts.gate_up_proj`, `down_proj`), under the block prefix too.
+        tensor_prefix="model.language_model.layers.{index}.",
+        index_lists=("mlp_only_layers",),
+        step_rules=(_SPARSE_MOE,),
+        image_token_keys=("image_token_id",),
+        multimodal=True,
+        fixed_leading_key="vision_config.deepstack_visual_indexes",
+        fixed_reason=_DEEPSTACK,
+        onnx="",
+        onnx_refusal=(
+            "Qwen3-VL-MoE's DeepStack vision features enter the first decoder blocks, and the split ONNX exporter has no inputs for them"
+        ),
+    ),
+    Adapter(family="qwen3_5", architectures=("Qwen3_5ForConditionalGeneration",), model_types=("qwen3_5",), **_QWEN3_5),
+    Adapter(family="qwen3_5_moe", architectures=("Qwen3_5MoeForConditionalGeneration",), model_types=("qwen3_5_moe",), **_QWEN3_5),
+    # The decoders alone (text-only checkpoints): the text config is the root config.
+    Adapter(
+        family="qwen3_5_text",
+        architectures=("Qwen3_5ForCausalLM",),
+        model_types=("qwen3_5_text",),
+        transformers_module="qwen3_5",
+        **{**_QWEN3_5, **_LLAMA_LIKE, "text_config_path": "", "image_token_keys": (), "multimodal": False},
+    ),
+    Adapter(
+        family="qwen3_5_moe_text",
+        architectures=("Qwen3_5MoeForCausalLM",),
+        model_types=("qwen3_5_moe_text",),
+        transformers_module="qwen3_5_moe",
+        **{**_QWEN3_5, **_LLAMA_LIKE, "text_config_path": "", "image_token_keys": (), "multimodal": False},
+    ),
+    Adapter(
+        family="gemma4",
+        architectures=("Gemma4ForConditionalGeneration",),
+        model_types=("gemma4",),
+        block_paths=("model.language_model.layers",),
+        text_config_path="text_config",
+        tensor_prefix="model.language_model.layers.{index}.",
+        image_token_keys=("image_token_id",),
+        multimodal=True,
+        **_GEMMA4,
+    ),
+    Adapter(family="gemma4_text", architectures=("Gemma4ForCausalLM",), model_types=("gemma4_text",), **_LLAMA_LIKE, **_GEMMA4),
 )
 
 

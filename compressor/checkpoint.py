@@ -1,9 +1,10 @@
 """Out-of-core checkpoint surgery: prune a safetensors checkpoint without loading the model.
 
 Owns: parsing safetensors headers; mapping tensor names through a `SurgeryPlan` (drop the
-removed blocks' tensors, renumber the kept blocks' tensors, keep everything else); writing
-new safetensors files whose tensor bytes are copied from the source by offset in bounded
-chunks; the shard index; and the rest of the output folder (config re-indexed with
+removed blocks' tensors, renumber the kept blocks' tensors, cut tensors with one slice per
+block to the kept slices (`block_tensors`), keep everything else); writing new safetensors
+files whose tensor bytes are copied from the source by offset in bounded chunks (strided
+slices a chunk of rows at a time, `HashingWriter.copy_columns`); the shard index; and the rest of the output folder (config re-indexed with
 `reindex.reindex_config`, tokenizer/processor/generation files copied, plan, recipe,
 calibration and model card through `provenance.write_provenance`), staged so nothing is
 half-written.
@@ -41,13 +42,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .architectures import Adapter
+from .block_tensors import SlicedTensor, resizer
 from .calibration_report import CalibrationReport
 from .errors import CheckpointError, InputError, InsufficientSpaceError, PlanError, SurgeryError
 from .hub import ModelSource
 from .manifest import FileHash
 from .planner import SurgeryPlan
 from .provenance import copy_tokenizer_files, strip_remote_code, write_provenance
-from .reindex import JsonConfig, read_config_json, reindex_config, write_config_json
+from .reindex import JsonConfig, check_reindex, read_config_json, reindex_config, write_config_json
 from .staging import refuse_existing, staged_dir
 
 log = logging.getLogger(__name__)
@@ -377,12 +379,16 @@ class OutputShard:
         return encode_header(self.tensors, self.source.metadata)
 
 
-def plan_shards(checkpoint: SourceCheckpoint, names: BlockNames) -> tuple[list[OutputShard], list[str]]:
-    """Output shards (one per source file that keeps a tensor) and the names of dropped files."""
+def plan_shards(
+    checkpoint: SourceCheckpoint, names: BlockNames, resize: Callable[[TensorInfo], TensorInfo] | None = None
+) -> tuple[list[OutputShard], list[str]]:
+    """Output shards (one per source file that keeps a tensor) and the names of dropped files.
+    ``resize`` maps a kept tensor to what the output holds (`block_tensors.resizer`: a tensor
+    with one slice per block becomes a `SlicedTensor` of the kept blocks' slices)."""
     kept: list[tuple[SafetensorsFile, list[tuple[str, TensorInfo]]]] = []
     dropped: list[str] = []
     for file in checkpoint.files:
-        renamed = [(new, t) for t in file.tensors if (new := names.rename(t.name)) is not None]
+        renamed = [(new, resize(t) if resize else t) for t in file.tensors if (new := names.rename(t.name)) is not None]
         if renamed:
             # Stable sort: source order (sequential reads) within each element size.
             renamed.sort(key=lambda pair: -DTYPE_BYTES.get(pair[1].dtype, 1))
@@ -482,6 +488,47 @@ class HashingWriter:
             self._append(memoryview(buffer)[:n], buffer)
             length -= n
 
+    def copy_columns(self, src: io.FileIO, offset: int, rows: int, row_bytes: int, keep: Sequence[tuple[int, int]]) -> None:
+        """Append, from each of ``rows`` consecutive rows of ``row_bytes`` bytes at ``offset``,
+        the byte ranges ``keep`` of the row, in order: the kept columns of a row-major tensor.
+
+        Such a slice is strided, so it cannot be copied as one range; reading it range by range
+        would cost a system call per row and range (millions for a [262144, L·d] embedding).
+        Instead a chunk of whole rows is read into one scratch buffer and its kept ranges are
+        gathered into a hashing buffer: memory stays at one more chunk than `copy` needs.
+        """
+        per_chunk = self.chunk_size // row_bytes
+        if per_chunk == 0:  # rows longer than a chunk: their kept ranges are long enough to copy one by one
+            for row in range(rows):
+                for begin, end in keep:
+                    self.copy(src, offset + row * row_bytes + begin, end - begin)
+            return
+        scratch = memoryview(bytearray(per_chunk * row_bytes))
+        src.seek(offset)
+        done = 0
+        while done < rows:
+            n = min(per_chunk, rows - done)
+            rows_in = scratch[: n * row_bytes]
+            filled = 0
+            while filled < len(rows_in):  # unbuffered reads may be partial
+                got = src.readinto(rows_in[filled:])
+                if not got:
+                    raise CheckpointError(
+                        f"'{src.name}' ended {(rows - done) * row_bytes - filled} bytes early while being copied.",
+                        fix="the file changed or is truncated; copy the checkpoint again.",
+                    )
+                filled += got
+            buffer = self._free_buffer()
+            out = memoryview(buffer)
+            at = 0
+            for row in range(n):
+                base = row * row_bytes
+                for begin, end in keep:
+                    out[at : at + end - begin] = rows_in[base + begin : base + end]
+                    at += end - begin
+            self._append(out[:at], buffer)
+            done += n
+
     def finish(self) -> FileHash:
         """The size and SHA-256 of everything appended, once the last chunks are hashed."""
         while self._pending:
@@ -522,7 +569,10 @@ def write_shard(
     with open(shard.source.path, "rb", buffering=0) as src, open(path, "wb", buffering=0) as dst, HashingWriter(dst, chunk_size) as out:
         out.write(header)
         for _, tensor in shard.tensors:
-            out.copy(src, shard.source.data_start + tensor.begin, tensor.nbytes)
+            if isinstance(tensor, SlicedTensor):
+                tensor.copy_to(out, src, shard.source.data_start)
+            else:
+                out.copy(src, shard.source.data_start + tensor.begin, tensor.nbytes)
             if on_tensor is not None:
                 on_tensor(tensor.nbytes)
         written = out.finish()
@@ -597,7 +647,7 @@ def rewrite_checkpoint(
     checkpoint = read_checkpoint(source_dir)
     names = BlockNames.for_plan(adapter, plan)
     check_blocks(checkpoint, names, plan.num_blocks)
-    shards, dropped = plan_shards(checkpoint, names)
+    shards, dropped = plan_shards(checkpoint, names, resizer(adapter, plan.num_blocks, plan.kept))
     copied, skipped = _other_files(source_dir, checkpoint, code=trusted)
     _check_space(out, sum(len(s.header) + s.data_bytes for s in shards) + sum(p.stat().st_size for p in copied))
 
@@ -675,6 +725,7 @@ def _check_plan(config: Any, plan: SurgeryPlan, adapter: Adapter, folder: Path) 
     if not plan.kept:
         raise PlanError("The plan removes every block.", fix="keep at least one block.")
     plan.check_fixed(adapter.fixed_blocks(config))
+    check_reindex(adapter.text_config(config), adapter, plan.kept)  # before any byte is written
 
 
 def _other_files(folder: Path, checkpoint: SourceCheckpoint, *, code: bool = False) -> tuple[list[Path], list[str]]:

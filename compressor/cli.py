@@ -146,6 +146,17 @@ def _outside_option(command: Any) -> Any:
     )(command)
 
 
+def _verify_option(command: Any) -> Any:
+    return click.option(
+        "--verify",
+        type=click.Choice(["skip-equivalence", "reload", "none"]),  # manifest.VERIFY_MODES, not imported at start-up
+        default=None,
+        help="How the written checkpoint is checked: skip-equivalence (reloaded and compared with the original run with the "
+        "same blocks skipped), reload (reloaded; compared with the pruned model in memory, or only run out of core), none. "
+        "[the strongest that fits in memory]",
+    )(command)
+
+
 def _placement(kwargs: dict[str, Any]) -> Any:
     from .loading import Placement
 
@@ -195,7 +206,20 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .versions import version_line
+
+    click.echo(version_line())
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+    help="Show compressor's, transformers' and torch's versions and the families this transformers can handle.",
+)
 @_verbosity
 def cli() -> None:
     """Make vision-language models and decoder LLMs permanently shorter."""
@@ -360,6 +384,7 @@ def plan_command(
     help="Rewrite the safetensors files directly, one tensor at a time, without loading the model.",
 )
 @click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/onnx [recipe's export.formats].")
+@_verify_option
 @_calibration_options
 @_placement_options
 @_device_options
@@ -377,6 +402,7 @@ def prune_command(
     dry_run: bool,
     out_of_core: bool,
     onnx: bool | None,
+    verify: str | None,
     device: str,
     dtype: str,
     trust_remote_code: bool,
@@ -409,6 +435,7 @@ def prune_command(
             dry_run=dry_run,
             onnx=onnx,
             trust_remote_code=trust_remote_code,
+            verify=verify,
         )
     else:
         placement = _placement(kwargs)
@@ -428,6 +455,7 @@ def prune_command(
             placement=placement,
             allow_outside_data=allow_outside_data,
             trust_remote_code=trust_remote_code,
+            verify=verify,
             **_overrides(kwargs),
         )
     _report_prune(result)
@@ -452,6 +480,7 @@ def _single_process(command: str) -> None:
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Evaluation JSONL: validate and gate [recipe's validate.data].")
 @click.option("--no-latency", is_flag=True, help="Validate accuracy only.")
 @click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/hf/onnx [recipe's export.formats].")
+@_verify_option
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder for everything of the run.")
 @click.option("--overwrite", is_flag=True)
 @click.option("--push", "push_to", metavar="ORG/NAME", help="After a passing validation, push OUTPUT to this Hub repository.")
@@ -476,6 +505,7 @@ def run_command(
     eval_data: Path | None,
     no_latency: bool,
     onnx: bool | None,
+    verify: str | None,
     output: Path,
     overwrite: bool,
     push_to: str | None,
@@ -526,6 +556,7 @@ def run_command(
         placement=placement,
         allow_outside_data=allow_outside_data,
         trust_remote_code=trust_remote_code,
+        verify=verify,
         **_overrides(kwargs),
     )
     _report_prune(result)
@@ -548,13 +579,25 @@ def _report_prune(result: Any) -> None:
         click.echo("dry run: nothing written")
         return
     click.echo(f"parameters: {e.params_before:,} -> {e.params_after:,} ({e.params_after / e.params_before:.1%})")
-    if hasattr(e, "max_abs_diff"):
-        click.echo(f"wrote {e.path} (reloaded and verified: max |Δlogits| = {e.max_abs_diff:.2g})")
-    else:
+    if hasattr(e, "tensors_in"):
         click.echo(
             f"wrote {e.path} out of core ({e.tensors_in} -> {e.tensors_out} tensors, {e.bytes_written / 1e9:.3g} GB; "
             "headers re-read and checked against the plan)"
         )
+    else:
+        click.echo(f"wrote {e.path}")
+    for check in result.checks:
+        if check.check == "skip-equivalence":
+            click.echo(
+                f"reloaded and verified against the original with blocks {result.plan.removed_indices} skipped at run time: "
+                f"max |Δlogits| = {check.max_abs_diff:.2g} on {check.samples}"
+            )
+        elif check.check == "hf-reload":
+            diff = check.max_abs_diff
+            shown = f"max |Δlogits| = {diff:.2g} vs the in-memory model" if diff is not None else "finite logits"
+            click.echo(f"reloaded and verified ({shown}); not compared with the original")
+        elif check.check == "none":
+            click.echo(f"not verified after writing: {check.detail}")
     if getattr(result, "onnx", None) is not None:
         _report_onnx(result.onnx)
 
@@ -563,7 +606,7 @@ def _report_onnx(result: Any) -> None:
     click.echo(
         f"wrote {result.path} (ONNX, {result.layout} layout: {', '.join(result.graphs.values())}; "
         f"verified on {result.provider}: max |onnx - torch| = {result.max_abs_diff:.2g} over {len(result.checks)} checks, "
-        f"greedy tokens equal for {result.greedy_tokens} steps; "
+        f"greedy tokens of {result.client} equal to PyTorch's for {result.greedy_tokens} steps; "
         f"export {result.export_seconds:.1f} s, verification {result.verify_seconds:.1f} s)"
     )
 
@@ -587,7 +630,7 @@ def export_onnx_command(
 ) -> None:
     """Export MODEL (a checkpoint folder or Hub id) to ONNX and verify it against PyTorch.
 
-    Text decoders: one model.onnx with KV cache (optimum; ORTModelForCausalLM loads it).
+    Text decoders: one model.onnx with KV cache and genai_config.json (onnxruntime-genai's og.Model loads it).
     Vision-language models: vision_encoder.onnx + embed_tokens.onnx + decoder_model_merged.onnx.
     """
     from .hub import resolve_model_ref
@@ -815,19 +858,22 @@ def arch_group() -> None:
 def arch_list() -> None:
     """Show the supported families and what each supports."""
     from .architectures import ADAPTERS
+    from .versions import family_available, installed, requirement
 
-    header = ("family", "architectures", "blocks at", "block count", "modality split", "out-of-core", "onnx", "per-layer config")
+    click.echo(f"transformers {installed('transformers') or 'not installed'}\n")
+    header = ("family", "architectures", "this transformers", "blocks at", "block count", "modality split", "out-of-core", "onnx", "per-layer config")
     rows = [
         (
             a.family,
             ", ".join(a.architectures),
+            "yes" if family_available(a) else f"no: needs {requirement(a)}",
             a.block_paths[0],
             a.count_path,
             "image/text/all" if a.modality_split else "text/all",
             # Every family's on-disk block names are known (tensor_prefix), tested per family.
             f"yes ({a.tensor_prefix.format(index='N')})",
             ("yes: " if a.onnx_support[0] else "no: ") + a.onnx_support[1],
-            ", ".join((*a.per_layer_lists, *a.index_fields, *a.layer_period_fields)) or "-",
+            ", ".join(a.config_keys) or "-",
         )
         for a in ADAPTERS
     ]

@@ -393,9 +393,11 @@ def attention_hooks(blocks: nn.ModuleList, ratio: AttentionRatio) -> Iterator[No
     try:
         for index, block in enumerate(blocks):
             attention = getattr(block, "self_attn", None)
-            if attention is None:
-                raise RuntimeError(f"block {index} has no self_attn module")
+            if attention is None:  # a linear-attention block (Qwen3.5's Gated DeltaNet) forms no
+                continue  # attention weights: its ratio stays None, as for a block no query reached
             handles.append(attention.register_forward_hook(lambda m, a, o, i=index: ratio.hook(i, o)))
+        if not handles:
+            raise RuntimeError("no block has a self_attn module")
         yield
     finally:
         for handle in handles:

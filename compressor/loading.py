@@ -19,8 +19,10 @@ from transformers.models.auto.processing_auto import processor_class_from_name
 from transformers.utils import is_torchvision_available
 
 from .architectures import Adapter, adapter_for_config
-from .errors import InputError
+from .errors import InputError, UnsupportedArchitectureError
 from .hub import ModelSource, resolve_model_ref
+from .reindex import JsonConfig, load_config_json
+from .versions import check_family_available
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,9 @@ def _available_ram() -> int:
 
 def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
     """The folder's config. Code in the folder (``auto_map``) runs only with ``trust_remote_code``:
-    transformers would otherwise ask on stdin, and a piped "y" would run it."""
+    transformers would otherwise ask on stdin, and a piped "y" would run it. A family this
+    transformers lacks is refused first, with the version to install."""
+    _check_family(path)
     try:
         return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, json.JSONDecodeError, KeyError) as error:
@@ -122,6 +126,19 @@ def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
             f"'{path / 'config.json'}' cannot be read as a model config ({error}).",
             fix="pass a folder written by save_pretrained.",
         ) from None
+
+
+def _check_family(path: Path) -> None:
+    """A known family whose code the installed transformers lacks (e.g. Gemma 4 under 4.57):
+    refused with the transformers to install, instead of transformers' "not recognized"."""
+    raw = load_config_json(path)
+    if raw is None:
+        return
+    try:
+        adapter = adapter_for_config(JsonConfig(raw))
+    except UnsupportedArchitectureError:
+        return  # unknown families are refused after loading, with the supported list
+    check_family_available(adapter, path)
 
 
 def _asks_for_code(path: Path) -> bool:
@@ -199,6 +216,8 @@ def _assemble_processor(path: Path, trust_remote_code: bool) -> Any:
     loaders = {
         "image_processor": lambda: transformers.AutoImageProcessor.from_pretrained(path, use_fast=False, **code),
         "tokenizer": lambda: transformers.AutoTokenizer.from_pretrained(path, **code),
+        # Audio-capable processors (Gemma 4) have one even when only images are used.
+        "feature_extractor": lambda: transformers.AutoFeatureExtractor.from_pretrained(path, **code),
         "video_processor": lambda: (
             transformers.AutoVideoProcessor.from_pretrained(path, **code) if is_torchvision_available() else video_processor_placeholder()
         ),
@@ -261,17 +280,32 @@ def _video_processor_base() -> type:
     Exporting the genuine class under the name the check asks for is what transformers does
     itself when torchvision is installed, so nothing else changes.
     """
-    from transformers import video_processing_utils
+    from transformers import processing_utils, video_processing_utils
 
     mixin = getattr(video_processing_utils, "VideoProcessorMixin", None)
     if mixin is None:  # 4.x
         return transformers.BaseVideoProcessor
-    if not hasattr(transformers, "VideoProcessorMixin"):
-        transformers.VideoProcessorMixin = mixin
+    # The check looks the name up on a second lazy module object that processing_utils imports
+    # for itself (not `transformers` as imported here): export it on both.
+    for module in (transformers, getattr(processing_utils, "transformers_module", None)):
+        if module is not None and not hasattr(module, "VideoProcessorMixin"):
+            module.VideoProcessorMixin = mixin
     return mixin
 
 
-class ImageOnlyVideoProcessor(_video_processor_base()):
+def _video_processor_bases() -> tuple[type, ...]:
+    """`_video_processor_base`, plus PushToHubMixin where that base is not one: transformers 5.x
+    before VideoProcessorMixin (5.17) serialises every processor attribute into
+    processor_config.json and calls ``to_dict`` only on PushToHubMixin instances."""
+    from transformers.utils import PushToHubMixin
+
+    base = _video_processor_base()
+    if issubclass(base, PushToHubMixin) or int(transformers.__version__.split(".")[0]) < 5:
+        return (base,)
+    return (base, PushToHubMixin)
+
+
+class ImageOnlyVideoProcessor(*_video_processor_bases()):
     """A video processor for image-only use where torchvision is missing; it refuses videos.
 
     Processors such as Qwen2-VL's require a video processor object, and every real one needs
@@ -281,6 +315,7 @@ class ImageOnlyVideoProcessor(_video_processor_base()):
     """
 
     model_input_names: list[str] = []
+    _auto_class = None  # 5.17's processor.save_pretrained reads it (a registered custom class)
 
     def __init__(self) -> None:
         pass
@@ -290,6 +325,9 @@ class ImageOnlyVideoProcessor(_video_processor_base()):
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> list[str]:
         return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {}  # nothing to reload: a processor without torchvision gets this placeholder again
 
     def _set_processor_class(self, processor_class: str) -> None:
         pass

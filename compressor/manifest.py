@@ -15,7 +15,7 @@ import json
 import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,29 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# What `prune`/`run` may do to check a checkpoint after writing it (`--verify`), strongest first:
+# compare it, reloaded, with the original run with the same blocks skipped (`equivalence`);
+# reload it (and, in memory, compare it with the pruned model); nothing beyond the writer's own checks.
+VERIFY_MODES = ("skip-equivalence", "reload", "none")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One entry of the manifest's ``verification`` list: a check that ran (and passed, or the
+    folder would not exist) — or, as ``none``, the statement that no comparison ran and why.
+    ``detail`` is the sentence the model card and the CLI state."""
+
+    check: str  # "skip-equivalence", "hf-reload", "out-of-core-headers", "onnx-parity" or "none"
+    detail: str
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    samples: str | None = None  # what the comparison ran on, e.g. "2 samples (1 with an image)"
+
+    def record(self) -> dict[str, Any]:
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        return {"check": self.check, **({"passed": True} if self.check != "none" else {}), **fields}
+
+
 @dataclass(frozen=True)
 class FileHash:
     """A file's size and SHA-256, as its manifest entry records them."""
@@ -126,7 +149,7 @@ class FileHash:
 
 
 def write_manifest(
-    folder: Path, *, checks: list[dict[str, Any]], facts: dict[str, Any], hashed: Mapping[str, FileHash] | None = None
+    folder: Path, *, checks: list[Check | dict[str, Any]], facts: dict[str, Any], hashed: Mapping[str, FileHash] | None = None
 ) -> dict[str, Any]:
     """Write ``folder/compressor.json`` listing the verification ``checks`` that passed.
 
@@ -148,7 +171,7 @@ def write_manifest(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": invocation(),
         **facts,
-        "verification": checks,
+        "verification": [c.record() if isinstance(c, Check) else c for c in checks],
         "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

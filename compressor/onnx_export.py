@@ -1,17 +1,58 @@
 """ONNX export of a checkpoint folder, verified against PyTorch before it is reported done.
 
 Two layouts, chosen by the family's adapter (`Adapter.onnx`):
-- ``optimum``: text decoders (Llama, Mistral, Qwen2) through optimum-onnx's
-  ``text-generation-with-past`` export — one ``model.onnx`` with the KV cache in the graph,
-  loadable by ``optimum.onnxruntime.ORTModelForCausalLM``.
+- ``text`` (a decoder with past; written as the ``genai`` layout): ``model.onnx`` —
+  ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.N.key/value`` in,
+  ``logits``, ``present.N.key/value`` out — with ``genai_config.json``, the tokenizer and
+  config beside it, so ``onnxruntime_genai.Model(folder)`` loads and generates with it.
 - ``split``: vision-language models as ``vision_encoder.onnx``, ``embed_tokens.onnx`` and
   ``decoder_model_merged.onnx`` (`onnx_graphs`), run by `onnx_runtime.SplitRunner`.
 
+Both are traced by us (`onnx_graphs.Decoder`, TorchScript ``torch.onnx.export``) on
+transformers 4.57 and 5.x alike. Why our own text graph, measured 2026-12-01 on the pruned
+tiny llama / mistral (sliding window 6) / qwen2 (full + sliding blocks) of the tests, 6 -> 4
+blocks, transformers 5.24, torch 2.13, onnxruntime-gpu 1.31.1, onnxruntime-genai-cuda 0.18.0
+(greedy: 3 prompts of different lengths, 8 tokens, ``og.Model`` vs ``model.generate``):
+
+- optimum-onnx 0.1.0 ``main_export``: does not import on 5.x (needs transformers < 4.58).
+- onnxruntime-genai's model builder (fp32, cpu; 3.5 s): its fused GroupQueryAttention refuses
+  head_dim 8 on CPU ("multiple of 16"); at head_dim 16 llama's tokens are equal, but mistral's
+  sliding window is ignored (it generates llama's tokens, silently) and qwen2 fails in
+  onnxruntime-genai (``seqlens_k ... too small``; fed left-padded by hand: logits off by 14).
+- transformers.exporters (5.24, prefill + decode graphs; 29-45 s): llama's tokens equal;
+  mistral and qwen2 fail in ONNX Runtime (an Identity node expecting a ``TensorSeq``).
+- ours, dynamo ``torch.onnx.export`` (20-23 s): 1.4e-6 / 1.9e-6 / 2.4e-6, tokens equal.
+- ours, TorchScript ``torch.onnx.export`` (0.5-1.4 s): 1.4e-6 / 1.9e-6 / 1.9e-6, tokens equal.
+
+(numbers: max |onnx - torch| over `onnx_verify`'s left-padded prefill and two decode steps.)
+Ours computes every mask in the graph from the 2-D padding mask (sliding windows included,
+counted in real tokens so that onnxruntime-genai's right-padded batches see the window
+transformers sees) and keeps the whole cache, so the runtime needs no knowledge of the
+family's attention pattern; the builder's fused GroupQueryAttention needs it and got both
+sliding-window configs wrong. TorchScript rather than dynamo: the same result 15-40x faster
+(2 shared cores), and the exporter the split graphs need on 4.57 (FACTS.md).
+
+Loading a text export (onnxruntime-genai; ``config.append_provider("cuda")`` on a GPU)::
+
+    import onnxruntime_genai as og
+    model = og.Model(og.Config("OUT"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=64)
+    generator = og.Generator(model, params)
+    generator.append_tokens(og.Tokenizer(model).encode("prompt"))  # or ids from transformers
+    while not generator.is_done():
+        generator.generate_next_token()
+
+A batch is padded on the right with ``pad_token_id`` (onnxruntime-genai's rule). The graph
+alone also runs in a plain ``onnxruntime.InferenceSession`` fed as `onnx_verify` feeds it.
+
 Either way the folder is written to a staging sibling; each graph is compared with PyTorch on
-fresh inputs (`onnx_verify`) and greedy generation from the folder is compared token for
-token with ``model.generate``; only then does the folder take its name. A family that cannot
-be exported is refused before any work. Graphs whose weights pass 2 GB (protobuf's limit)
-keep them in one external-data file beside the graph.
+fresh inputs (`onnx_verify`) and greedy generation from the folder — by onnxruntime-genai
+(text) or `SplitRunner` (VLMs) — is compared token for token with ``model.generate``; only
+then does the folder take its name. ``compressor_onnx.json`` records the exporter, the
+client that generated, and every check. A family that cannot be exported, or a text export
+without onnxruntime-genai installed, is refused before any work. Graphs whose weights pass
+2 GB (protobuf's limit) keep them in one external-data file beside the graph.
 """
 
 from __future__ import annotations
@@ -21,6 +62,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,19 +72,25 @@ import numpy as np
 import torch
 
 from .architectures import ADAPTERS, Adapter
-from .data import build_batch
-from .errors import UnsupportedArchitectureError, VerificationError
+from .data import build_batch, tokenizer_of
+from .errors import InputError, UnsupportedArchitectureError, VerificationError
 from .export import verification_samples
 from .hub import ModelSource
 from .loading import LoadedModel, load_model
 from .onnx_graphs import Decoder, DecoderSpec, TokenEmbedding, VisionEncoder, decoder_io, decoder_spec, export_graph, image_features
-from .onnx_runtime import METADATA, METADATA_FORMAT, SplitRunner, session
+from .onnx_runtime import GENAI_CONFIG, METADATA, METADATA_FORMAT, SplitRunner, genai_generate, genai_tokenizer_check, session
 from .onnx_verify import DEFAULT_TOLERANCE, DecoderProbe, GraphCheck, raise_on_failure, verify_decoder, verify_outputs
 from .provenance import environment
 from .staging import refuse_existing, staged_dir
 
 log = logging.getLogger(__name__)
 
+TEXT_GRAPH = "model.onnx"
+# The CUDA build: it depends on onnxruntime-gpu (ours); the CPU build pulls the CPU onnxruntime
+# into the same folder (FACTS.md). Its CPU provider runs without a GPU.
+GENAI_PACKAGE = "onnxruntime-genai-cuda==0.18.0"
+EXPORTER = "torch.onnx.export (TorchScript), compressor graphs"
+LAYOUTS = {"text": "genai", "split": "split"}  # Adapter.onnx -> the layout written
 SPLIT_GRAPHS = {"vision_encoder": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx", "decoder": "decoder_model_merged.onnx"}
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf caps a file at 2 GiB; keep a margin for the graph
 GREEDY_TOKENS = 6
@@ -58,6 +107,8 @@ class OnnxExportResult:
     export_seconds: float
     verify_seconds: float
     external_data: list[str] = field(default_factory=list)
+    exporter: str = EXPORTER
+    client: str = ""  # what generated the greedy tokens compared with PyTorch
 
     @property
     def max_abs_diff(self) -> float:
@@ -72,6 +123,24 @@ def check_exportable(adapter: Adapter) -> None:
             f"Family '{adapter.family}' cannot be exported to ONNX: {why}",
             fix=f"export the Hugging Face checkpoint only; families that export: {families}.",
         )
+
+
+def check_traceable(model: Any, adapter: Adapter) -> None:
+    """Refuse, before any work, a model whose blocks run a Python loop over their experts (a
+    mixture-of-experts block with one module per expert, as transformers < 5 writes them): the
+    loop visits the experts the batch routes to, so a traced graph holds only the example's
+    experts and fails on other tokens (Qwen3-MoE on 4.57: "Split size 1 exceeds the remaining
+    size"). transformers 5 keeps the experts as one tensor, which `traceable` gathers by index."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "experts", None), nn.ModuleList):
+            raise UnsupportedArchitectureError(
+                f"'{adapter.family}' cannot be exported to ONNX with this transformers: {name} loops over its experts in Python, "
+                "and a traced graph would keep only the experts of the tracing example.",
+                fix="export with transformers >= 5 (its experts are one tensor, gathered by index), or export the Hugging Face "
+                "checkpoint only.",
+            )
 
 
 def export_onnx(
@@ -91,17 +160,21 @@ def export_onnx(
     else:
         loaded = load_model(model_ref if isinstance(model_ref, ModelSource) else str(model_ref), device="cpu", dtype="float32")
     check_exportable(loaded.adapter)
+    check_traceable(loaded.model, loaded.adapter)
+    if loaded.adapter.onnx == "text":
+        genai_version()  # before any work: the export is verified by generating with it
     model = loaded.model.float().cpu().eval()
     with staged_dir(out, overwrite=overwrite) as staging:
         started = time.perf_counter()
-        if loaded.adapter.onnx == "optimum":
-            graphs, extra = _export_text(loaded, staging)
+        if loaded.adapter.onnx == "text":
+            graphs, extra = _export_text(model, loaded.processor, loaded.adapter, staging, external_data_bytes)
         else:
             graphs, extra = _export_split(model, loaded.processor, loaded.adapter, staging, external_data_bytes)
         exported = time.perf_counter()
         meta = {
             "format": METADATA_FORMAT,
-            "layout": loaded.adapter.onnx,
+            "layout": LAYOUTS[loaded.adapter.onnx],
+            "exporter": EXPORTER,
             "family": loaded.adapter.family,
             "source": loaded.source.public_name,  # published with the graphs: no local path
             "graphs": graphs,
@@ -109,26 +182,28 @@ def export_onnx(
             "external_data": sorted(p.name for p in staging.iterdir() if p.name.endswith(".onnx_data")),
         }
         (staging / METADATA).write_text(json.dumps(meta, indent=2) + "\n")  # the runner reads it while verifying
-        checks, provider, greedy = _verify(loaded, staging, graphs, extra, tolerance=tolerance, prefer_cuda=prefer_cuda)
+        checks, provider, greedy, client = _verify(loaded, staging, graphs, extra, tolerance=tolerance, prefer_cuda=prefer_cuda)
         verified = time.perf_counter()
         meta["verification"] = {
             "tolerance": tolerance,
             "provider": provider,
             "checks": [c.to_dict() for c in checks],
             "greedy_tokens_equal": greedy,
+            "greedy_client": client,
         }
         meta.update(export_seconds=round(exported - started, 3), verify_seconds=round(verified - exported, 3), versions=environment())
         (staging / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     log.info(
         # No path: inside `prune --onnx`, `out` is a staging folder renamed before anyone reads this.
-        "exported ONNX (%s layout, verified on %s, max |Δ| = %.3g)",
-        loaded.adapter.onnx,
+        "exported ONNX (%s layout, verified on %s, max |Δ| = %.3g, greedy tokens from %s)",
+        LAYOUTS[loaded.adapter.onnx],
         provider,
         max(c.max_abs_diff for c in checks),
+        client,
     )
     return OnnxExportResult(
         path=out.resolve(),
-        layout=loaded.adapter.onnx,
+        layout=LAYOUTS[loaded.adapter.onnx],
         graphs=graphs,
         provider=provider,
         checks=checks,
@@ -136,16 +211,135 @@ def export_onnx(
         export_seconds=exported - started,
         verify_seconds=verified - exported,
         external_data=meta["external_data"],
+        client=client,
     )
 
 
-# -- text decoders through optimum ----------------------------------------------------------
-def _export_text(loaded: LoadedModel, staging: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    from optimum.exporters.onnx import main_export
+@contextmanager
+def traceable(model: Any) -> Iterator[None]:
+    """Implementations that trace to a graph valid for every input, restored afterwards.
 
-    # optimum re-loads the folder itself; its own validation is replaced by ours (below).
-    main_export(str(loaded.source.path), output=staging, task="text-generation-with-past", device="cpu", dtype="fp32", do_validation=False)
-    return {"decoder": "model.onnx"}, {}
+    Attention: eager traces to plain MatMul/Softmax (SDPA with grouped KV heads does not
+    export). Mixture-of-experts blocks (transformers 5's ``experts_implementation``):
+    ``batched_mm`` gathers each token's expert weights by index, where the default loops over
+    the experts a batch hits (traced, the loop would be fixed to the example's experts) or
+    calls ``histc`` (no ONNX export: "aten::histc ... not supported").
+    """
+    attention = model.config._attn_implementation
+    can_set_experts = getattr(model, "_can_set_experts_implementation", lambda: False)()
+    experts = getattr(model.config, "_experts_implementation", None) if can_set_experts else None
+    model.set_attn_implementation("eager")
+    if can_set_experts:
+        model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(attention)
+        if can_set_experts and experts is not None:
+            model.set_experts_implementation(experts)
+
+
+# -- text decoders in onnxruntime-genai's layout ------------------------------------------
+def genai_version() -> str:
+    """The installed onnxruntime-genai's version; refuses, before any work, when it is missing:
+    a text export is verified by generating with it, so without it nothing could be verified."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as error:
+        raise InputError(
+            f"Exporting a text decoder to ONNX needs onnxruntime-genai, which does not import here ({error}).",
+            fix=f"pip install {GENAI_PACKAGE} (beside onnxruntime-gpu; never the CPU 'onnxruntime-genai' package, "
+            "which pulls the CPU onnxruntime into the same folder).",
+        ) from error
+    return og.__version__
+
+
+def _export_text(
+    model: Any, processor: Any, adapter: Adapter, staging: Path, external_data_bytes: int
+) -> tuple[dict[str, str], dict[str, Any]]:
+    spec = decoder_spec(model, adapter)
+    with traceable(model):
+        export_graph(Decoder(model, spec), _decoder_args(model, spec), staging / TEXT_GRAPH, *decoder_io(spec))
+    _externalize_if_large(staging / TEXT_GRAPH, external_data_bytes)
+    # The folder is self-contained: onnxruntime-genai reads genai_config.json and tokenizer.json
+    # beside the graph; transformers users read config.json / generation_config.json.
+    processor.save_pretrained(staging)
+    model.config.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    (staging / GENAI_CONFIG).write_text(json.dumps(genai_config(model, adapter, spec), indent=2) + "\n")
+    text = adapter.text_config(model.config)
+    meta = {
+        "decoder": {
+            "num_blocks": spec.num_blocks,
+            "hidden_size": int(text.hidden_size),
+            "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
+            "position_offset": adapter.position_offset,
+            "layer_types": list(spec.layer_types),
+            "sliding_window": spec.sliding_window,
+        },
+        "client": {"name": "onnxruntime-genai", "config": GENAI_CONFIG},
+    }
+    return {"decoder": TEXT_GRAPH}, meta
+
+
+def genai_config(model: Any, adapter: Adapter, spec: DecoderSpec) -> dict[str, Any]:
+    """onnxruntime-genai's ``genai_config.json`` for our text graph.
+
+    The graph takes ``position_ids`` and returns the whole cache (past + new) as ``present``,
+    so the KV buffers are not shared between steps; sliding windows are applied inside the
+    graph (its masks), so the runtime is told of none and keeps every block's full cache.
+    """
+    text = adapter.text_config(model.config)
+    heads, head_dim = _kv_shape(model, adapter)
+    generation = getattr(model, "generation_config", None)
+
+    def token(name: str) -> Any:
+        value = getattr(generation, name, None) if generation is not None else None
+        return value if value is not None else getattr(text, name, None)
+
+    context = int(getattr(text, "max_position_embeddings", 0) or 2048)
+    return {
+        "model": {
+            # onnxruntime-genai's generic decoder-only type: it knows a fixed list of model types
+            # ("Unsupported model_type in config.json: qwen3_moe"), and a family type would only
+            # select the same decoder-only runtime for the same plain graph.
+            "type": "decoder",
+            "bos_token_id": token("bos_token_id"),
+            "eos_token_id": token("eos_token_id"),
+            "pad_token_id": pad_token_id(generation) if generation is not None else int(getattr(text, "pad_token_id", None) or 0),
+            "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": TEXT_GRAPH,
+                "head_size": head_dim,
+                "hidden_size": int(text.hidden_size),
+                "num_attention_heads": int(text.num_attention_heads),
+                "num_key_value_heads": heads,
+                "num_hidden_layers": spec.num_blocks,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "max_length": context,
+            "min_length": 0,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
 
 
 # -- vision-language models as split graphs -------------------------------------------------
@@ -160,10 +354,7 @@ def _export_split(
 ) -> tuple[dict[str, str], dict[str, Any]]:
     spec = decoder_spec(model, adapter)
     example = _example_inputs(processor)
-    original = model.config._attn_implementation
-    # Eager attention traces to plain MatMul/Softmax; SDPA with grouped KV heads does not export.
-    model.set_attn_implementation("eager")
-    try:
+    with traceable(model):
         vision = _export_vision(model, adapter, example, staging / SPLIT_GRAPHS["vision_encoder"])
         ids = example["input_ids"]
         export_graph(
@@ -175,8 +366,6 @@ def _export_split(
             {"input_ids": {0: "batch_size", 1: "sequence_length"}, "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},
         )
         export_graph(Decoder(model, spec), _decoder_args(model, spec), staging / SPLIT_GRAPHS["decoder"], *decoder_io(spec))
-    finally:
-        model.set_attn_implementation(original)
     for name in SPLIT_GRAPHS.values():
         _externalize_if_large(staging / name, external_data_bytes)
     # The folder is self-contained: the runner needs the processor and config beside the graphs.
@@ -236,8 +425,8 @@ def _decoder_args(model: Any, spec: DecoderSpec) -> tuple:
 
     heads, head_dim = _kv_shape(model, adapter_for_model(model))
     batch, seq, past = 2, 4, 3
-    hidden = model.get_input_embeddings().weight.shape[1]
-    embeds = torch.randn(batch, seq, hidden)
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    embeds = torch.randint(0, vocab, (batch, seq)) if spec.text else torch.randn(batch, seq, hidden)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     positions = torch.arange(past, past + seq).expand(batch, seq)
     if spec.mrope:
@@ -270,7 +459,7 @@ def _externalize_if_large(path: Path, threshold: int) -> None:
 # -- verification ---------------------------------------------------------------------------
 def _verify(
     loaded: LoadedModel, folder: Path, graphs: dict[str, str], extra: dict[str, Any], *, tolerance: float, prefer_cuda: bool
-) -> tuple[list[GraphCheck], str, int]:
+) -> tuple[list[GraphCheck], str, int, str]:
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     decoder = session(folder / graphs["decoder"], prefer_cuda=prefer_cuda)
     provider = decoder.get_providers()[0]
@@ -278,7 +467,7 @@ def _verify(
     length = max(8, int(window) + 3)  # longer than any sliding window, so the window is exercised
     hidden = model.get_input_embeddings().weight.shape[1]
     vocab = model.get_input_embeddings().weight.shape[0]
-    if adapter.onnx == "optimum":
+    if adapter.onnx == "text":
         probe = DecoderProbe(
             graph="model.onnx",
             first_input="input_ids",
@@ -317,8 +506,8 @@ def _verify(
         checks = verify_decoder(decoder, probe, tolerance=tolerance)
         checks += _verify_embed_and_vision(model, adapter, processor, folder, graphs, extra, tolerance, prefer_cuda)
     raise_on_failure(checks)
-    greedy = _verify_greedy(loaded, folder, prefer_cuda=prefer_cuda)
-    return checks, provider, greedy
+    greedy, client = _verify_greedy(loaded, folder, prefer_cuda=prefer_cuda)
+    return checks, provider, greedy, client
 
 
 @torch.no_grad()
@@ -372,37 +561,47 @@ def _verify_embed_and_vision(model, adapter, processor, folder, graphs, extra, t
 
 
 @torch.no_grad()
-def _verify_greedy(loaded: LoadedModel, folder: Path, *, prefer_cuda: bool) -> int:
-    """Greedy tokens from the exported folder == ``model.generate``'s; returns how many compared."""
+def _verify_greedy(loaded: LoadedModel, folder: Path, *, prefer_cuda: bool) -> tuple[int, str]:
+    """Greedy tokens from the exported folder == ``model.generate``'s; returns how many were
+    compared and the client that generated them."""
     model, processor = loaded.model, loaded.processor
+    text = loaded.adapter.onnx == "text"
     with tempfile.TemporaryDirectory() as scratch:
-        samples = verification_samples(processor, Path(scratch))[:1]
+        # Text: two prompts of different lengths, so each side pads its own way (transformers on
+        # the left, onnxruntime-genai on the right). VLMs: one image prompt (one traced grid).
+        samples = verification_samples(processor, Path(scratch))[: 2 if text else 1]
         inputs = build_batch(processor, samples, with_answer=False, padding_side="left").inputs
     config = model.generation_config
-    want = model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_TOKENS)[:, inputs["input_ids"].shape[1] :]
-    if loaded.adapter.onnx == "optimum":
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        ort_model = ORTModelForCausalLM.from_pretrained(folder, provider=_ort_provider(prefer_cuda))
-        got = ort_model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_TOKENS)[:, inputs["input_ids"].shape[1] :].numpy()
+    pad = pad_token_id(config)
+    want = model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_TOKENS, pad_token_id=pad)[:, inputs["input_ids"].shape[1] :]
+    if text:
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        got = genai_generate(folder, prompts, max_new_tokens=GREEDY_TOKENS, prefer_cuda=prefer_cuda, pad_token_id=pad).tokens
+        tokenizer = genai_tokenizer_check(folder, tokenizer_of(processor), [s.prompt for s in samples])
+        client = f"onnxruntime-genai {genai_version()} (og.Model; tokenizer: {tokenizer})"
     else:
         runner = SplitRunner(folder, prefer_cuda=prefer_cuda)
         got = runner.generate(
             {k: v.numpy() for k, v in inputs.items()},
             max_new_tokens=GREEDY_TOKENS,
             eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id or 0,
+            pad_token_id=pad,
         ).tokens
+        client = "compressor SplitRunner (onnxruntime)"
     if not np.array_equal(got, want.numpy()):
         raise VerificationError(
-            f"Greedy generation from the ONNX export gives {got.tolist()}, PyTorch gives {want.tolist()} "
-            "(every graph matched on its own, so the difference is in how the graphs are chained).",
+            f"Greedy generation from the ONNX export by {client} gives {got.tolist()}, PyTorch gives {want.tolist()} "
+            "(every graph matched on its own, so the difference is in how the graphs are driven).",
             fix="nothing was written; report it with -v output and the family.",
         )
-    return int(want.shape[1])
+    return int(want.shape[1]), client
 
 
-def _ort_provider(prefer_cuda: bool) -> str:
-    from .onnx_runtime import providers
-
-    return providers(prefer_cuda)[0]
+def pad_token_id(generation_config: Any) -> int:
+    """The pad id generation fills finished rows with (and onnxruntime-genai pads prompts with):
+    the model's own, else its first end-of-sequence id (as ``generate`` does), else 0."""
+    pad = getattr(generation_config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(generation_config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    return int(pad) if pad is not None else 0

@@ -1,22 +1,28 @@
-"""The split ONNX layout of a vision-language model, as torch modules ready to trace.
+"""The exported ONNX graphs, as torch modules ready to trace: a text decoder with past, and the
+split layout of a vision-language model.
 
 VLM runtimes (transformers.js, onnx-community checkpoints) run three graphs: a vision encoder
 (vision tower + projector: pixels -> image features), a token embedding (ids -> embeddings),
 and a decoder with a KV cache that takes ``inputs_embeds``. The runtime embeds the prompt,
-writes the image features over the image-token rows, and decodes. This module owns the three
-modules that compute exactly those graphs from a loaded model, and their legacy
-``torch.onnx`` export (FACTS.md: the dynamo exporter fails on every VLM of transformers 4.57).
+writes the image features over the image-token rows, and decodes. A text decoder is the same
+decoder taking ``input_ids`` (``DecoderSpec.text``), in the I/O layout onnxruntime-genai reads
+(`onnx_export.genai_config`). This module owns the modules that compute exactly those graphs
+from a loaded model, and their legacy ``torch.onnx`` export (FACTS.md: the dynamo exporter
+fails on every VLM of transformers 4.57; on text decoders it is correct but 15-40x slower,
+`onnx_export`).
 
 Two choices make the decoder traceable and faithful:
 - The attention masks are built here, in tensor ops, from the 2-D padding mask, and handed to
   the model already 4-D (transformers uses a 4-D mask as given). Building them from sizes
   read as tensors keeps batch, sequence and past lengths dynamic in the graph. Each family's
-  attention pattern is reproduced: causal, sliding window per layer type, PaliGemma's
-  bidirectional prompt (prefix-LM), Gemma3's bidirectional image blocks. `onnx_verify`
-  compares against the model's own masking, so a pattern reproduced wrongly is caught.
+  attention pattern is reproduced: causal, sliding window per layer type (counted in real
+  tokens, so a right-padded batch — onnxruntime-genai's — sees the window transformers sees),
+  PaliGemma's bidirectional prompt (prefix-LM), Gemma3's bidirectional image blocks.
+  `onnx_verify` compares against the model's own masking, so a pattern reproduced wrongly is
+  caught.
 - The KV cache enters and leaves as one tensor pair per block, so the graph's inputs and
   outputs are plain tensors named ``past_key_values.N.key`` / ``present.N.key`` (the names
-  transformers.js and optimum use).
+  transformers.js, optimum and onnxruntime-genai use).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class DecoderSpec:
     attention: str  # "causal" | "prefix" (PaliGemma) | "image_blocks" (Gemma3)
     mrope: bool  # positions are (3, batch, seq): time, height, width (Qwen2-VL)
     mask_as_dict: bool  # the text model takes one mask per layer type
-    image_token_id: int
+    image_token_id: int  # -1 for a text decoder
+    text: bool = False  # the graph takes input_ids (a text decoder), not inputs_embeds (a VLM's)
 
     @property
     def token_types(self) -> bool:
@@ -61,6 +68,7 @@ def decoder_spec(model: Any, adapter: Adapter) -> DecoderSpec:
         # No per-layer types: a set sliding window applies to every block (Mistral-style).
         layer_types = ["sliding_attention" if window else "full_attention"] * n
     rope = getattr(text, "rope_scaling", None) or {}
+    image_token = adapter.image_token_id(model.config)
     return DecoderSpec(
         num_blocks=n,
         layer_types=tuple(layer_types),
@@ -68,7 +76,8 @@ def decoder_spec(model: Any, adapter: Adapter) -> DecoderSpec:
         attention=adapter.onnx_attention,
         mrope="mrope_section" in rope,
         mask_as_dict=hasattr(text, "layer_types"),
-        image_token_id=int(adapter.image_token_id(model.config)),
+        image_token_id=-1 if image_token is None else int(image_token),
+        text=not adapter.multimodal,
     )
 
 
@@ -119,7 +128,8 @@ def attention_masks(
     floor = torch.finfo(dtype).min
 
     def additive(allowed: torch.Tensor) -> torch.Tensor:
-        allowed = allowed[None, None]
+        # (seq, total) for every row, or (batch, seq, total) -> (batch | 1, 1, seq, total)
+        allowed = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]
         if extra is not None:
             allowed = allowed | extra[:, None]
         allowed = allowed & padding
@@ -128,7 +138,13 @@ def attention_masks(
 
     masks = {"full_attention": additive(causal)} if "full_attention" in spec.layer_types else {}
     if "sliding_attention" in spec.layer_types:
-        masks["sliding_attention"] = additive(causal & (k[None, :] > q[:, None] - spec.sliding_window))
+        # The window counts real tokens, not slots: a key is in it when fewer than `window` real
+        # tokens separate it from the query. With left padding (transformers) that is the slot
+        # distance; onnxruntime-genai pads a batch on the right, so a row's decoded tokens follow
+        # a hole of padding slots that must not use up the window.
+        rank = attention_mask.to(torch.int64).cumsum(-1)
+        distance = rank[:, total - seq :, None] - rank[:, None, :]  # (batch, seq, total)
+        masks["sliding_attention"] = additive(causal[None] & (distance < spec.sliding_window))
     if spec.mask_as_dict:
         return masks
     (only,) = masks.values()
@@ -153,22 +169,24 @@ def image_features(output: Any) -> Any:
 
 
 class Decoder(nn.Module):
-    """inputs_embeds + 2-D mask + positions (+ token types) + past -> logits + present."""
+    """inputs_embeds (a VLM's decoder) or input_ids (a text decoder, ``spec.text``) + 2-D mask +
+    positions (+ token types) + past -> logits + present."""
 
     def __init__(self, model: nn.Module, spec: DecoderSpec):
         super().__init__()
         self.model = model
         self.spec = spec
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
+    def forward(self, first, attention_mask, position_ids, *rest):
         token_type_ids = rest[0] if self.spec.token_types else None
         past = rest[1:] if self.spec.token_types else rest
         cache = DynamicCache()
         for i in range(self.spec.num_blocks):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        masks = attention_masks(self.spec, attention_mask, inputs_embeds[0, :, 0], token_type_ids, inputs_embeds.dtype)
+        seq_probe = first[0] if self.spec.text else first[0, :, 0]
+        masks = attention_masks(self.spec, attention_mask, seq_probe, token_type_ids, past[0].dtype)
         out = self.model(
-            inputs_embeds=inputs_embeds,
+            **({"input_ids": first} if self.spec.text else {"inputs_embeds": first}),
             attention_mask=masks,
             position_ids=position_ids,
             past_key_values=cache,
@@ -253,11 +271,12 @@ def present_names(n: int) -> list[str]:
 
 def decoder_io(spec: DecoderSpec) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
     """Input names, output names and dynamic axes of the decoder graph."""
-    inputs = ["inputs_embeds", "attention_mask", "position_ids"] + (["token_type_ids"] if spec.token_types else [])
+    first = "input_ids" if spec.text else "inputs_embeds"
+    inputs = [first, "attention_mask", "position_ids"] + (["token_type_ids"] if spec.token_types else [])
     inputs += past_names(spec.num_blocks)
     outputs = ["logits", *present_names(spec.num_blocks)]
     axes: dict[str, dict[int, str]] = {
-        "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+        first: {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {1: "batch_size", 2: "sequence_length"} if spec.mrope else {0: "batch_size", 1: "sequence_length"},
         "logits": {0: "batch_size", 1: "sequence_length"},

@@ -1,6 +1,7 @@
-"""Running exported graphs in ONNX Runtime: provider choice, and greedy generation with the
-split VLM layout (vision encoder, token embedding, decoder with past) — what a deployment
-does with our export, in NumPy and ONNX Runtime only (no torch model involved).
+"""Running exported graphs the way a deployment does, with no torch model involved: provider
+choice; greedy generation with the split VLM layout (vision encoder, token embedding, decoder
+with past) in NumPy and ONNX Runtime (`SplitRunner`); and greedy generation of a text export
+by onnxruntime-genai itself (`genai_generate`: ``og.Model`` reading our ``genai_config.json``).
 
 Provider: CUDA when the installed onnxruntime has the CUDA provider *and* a CUDA device is
 present, CPU otherwise; the provider that actually runs is reported (a CUDA provider that
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "compressor_onnx.json"
 METADATA_FORMAT = "compressor.onnx/1"
+GENAI_CONFIG = "genai_config.json"
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
 
@@ -279,3 +281,63 @@ class SplitRunner:
                 positions = positions[:, -1:] + 1
             token_types = np.zeros((batch, 1), np.int64)
         return Generation(tokens=np.stack(out, axis=1), provider=self.provider)
+
+
+# -- onnxruntime-genai ----------------------------------------------------------------------
+def genai_generate(
+    folder: Path | str, prompts: list[list[int]], *, max_new_tokens: int, prefer_cuda: bool = True, pad_token_id: int | None = None
+) -> Generation:
+    """Greedy tokens from ``og.Model(folder)`` for a batch of prompts (token ids, unpadded).
+
+    The batch is padded as onnxruntime-genai reads it: on the right, with the config's pad id
+    (it masks the pad ids after each row's last real token and numbers positions from the
+    left; a left-padded row would be read as text). The mask and positions are then built by
+    onnxruntime-genai itself, as for any client of the folder. Rows that end early are filled
+    with the pad id, as ``model.generate`` does.
+    """
+    import onnxruntime_genai as og
+
+    if pad_token_id is None:
+        pad_token_id = json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]["pad_token_id"]
+    config = og.Config(str(folder))
+    config.clear_providers()
+    provider = "CPUExecutionProvider"
+    if "CUDAExecutionProvider" in providers(prefer_cuda):
+        config.append_provider("cuda")
+        provider = "CUDAExecutionProvider"
+    model = og.Model(config)
+    length = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), length), pad_token_id, dtype=np.int32)
+    for i, prompt in enumerate(prompts):
+        ids[i, : len(prompt)] = prompt
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=length + max_new_tokens, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    rows = [np.asarray(generator.get_sequence(i))[length:] for i in range(len(prompts))]
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(prompts), width), pad_token_id, dtype=np.int64)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    return Generation(tokens=tokens, provider=provider)
+
+
+def genai_tokenizer_check(folder: Path | str, tokenizer: Any, texts: list[str]) -> str:
+    """Whether ``og.Tokenizer`` loads the folder's tokenizer and encodes ``texts`` as
+    ``tokenizer`` (transformers) does, in words for the metadata. Not a refusal: onnxruntime-
+    genai's tokenizer library reads BPE and SentencePiece tokenizers but not every kind (a
+    WordLevel tokenizer fails with "Cannot know how to parse line"); ids from transformers'
+    tokenizer then drive the graph as well."""
+    import onnxruntime_genai as og
+
+    try:
+        og_tokenizer = og.Tokenizer(og.Model(str(folder)))
+        for text in texts:
+            got, want = [int(t) for t in og_tokenizer.encode(text)], list(tokenizer(text)["input_ids"])
+            if got != want:
+                return f"og.Tokenizer encodes {text!r} as {got}, transformers as {want}: tokenize with transformers"
+    except Exception as error:  # onnxruntime-genai raises RuntimeError with its parser's message
+        return f"og.Tokenizer cannot load it ({error}): tokenize with transformers and pass ids"
+    return "og.Tokenizer encodes as transformers"

@@ -5,9 +5,17 @@
 hf/). Both check the output path before loading anything, and stage their output so that a
 failure — a failed ONNX verification included — leaves nothing behind.
 
-`prune_out_of_core` never builds a model, so it must not pay for torch and transformers
-(seconds, before a copy that takes less): the modules that import them are imported inside
-the functions of the in-memory path (and of ONNX export), never at the top of this module.
+Before a checkpoint is reported done it is checked as ``verify`` says (`manifest.VERIFY_MODES`;
+default: the strongest that fits in memory). In memory that is `equivalence`'s proof: the
+reference (the original with the removed blocks skipped) is recorded on the loaded model before
+surgery mutates it, and the written checkpoint, reloaded, is compared with it. Written out of
+core, the original is loaded from the source folder and then the pruned one from the staging
+folder, one at a time on CPU, when the larger fits in free RAM (`proof_memory`); otherwise only
+the written headers are checked, and the manifest and the log say so.
+
+`prune_out_of_core` with ``verify="none"`` never builds a model, so it must not pay for torch
+and transformers (seconds, before a copy that takes less): the modules that import them are
+imported inside the functions that load a model (and of ONNX export), never at the top of this module.
 """
 
 from __future__ import annotations
@@ -15,17 +23,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .architectures import Adapter, adapter_for_config, blocks_of_folder
 from .calibration_report import CalibrationReport
-from .card import RELOAD_VERIFIED, facts_from_folder, render_card
-from .checkpoint import VERIFIED_OUT_OF_CORE, CheckpointResult, rewrite_checkpoint
+from .card import facts_from_folder, render_card
+from .checkpoint import VERIFIED_OUT_OF_CORE, CheckpointResult, human_bytes, rewrite_checkpoint
 from .errors import InputError, PlanError, SurgeryError
 from .hub import ModelSource, resolve_model_ref
-from .manifest import write_manifest
+from .manifest import VERIFY_MODES, Check, write_manifest
 from .planner import SurgeryPlan, plan
 from .provenance import environment, source_facts
 from .recipe import FUNCTIONAL_METRICS, Conditions, ExportOptions, Greedy, Lowest, Recipe, RecipeFile, Span, load_recipe
@@ -49,6 +57,62 @@ class PruneResult:
     calibration: CalibrationReport | None
     validation: Any = None  # a validate.ValidationResult when the run validated
     onnx: OnnxExportResult | None = None  # the ONNX export in ``<checkpoint>/onnx`` when asked for
+    checks: list[Check] = field(default_factory=list)  # how the checkpoint was verified (ONNX aside)
+
+
+# A model loaded on CPU takes about its safetensors size; the factor and the slack cover what
+# loading adds, one forward pass over a few samples, and the reference's logits and states.
+PROOF_MEMORY_FACTOR = 1.5
+PROOF_MEMORY_SLACK = 1 << 30
+
+
+def proof_memory(folder: Path) -> int:
+    """RAM the out-of-core check needs: it holds one model at a time, the original the larger."""
+    return int(sum(p.stat().st_size for p in folder.glob("*.safetensors")) * PROOF_MEMORY_FACTOR) + PROOF_MEMORY_SLACK
+
+
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_verify(verify: str | None) -> None:
+    if verify is not None and verify not in VERIFY_MODES:
+        raise InputError(f"Unknown verification '{verify}'.", fix=f"use one of: {', '.join(VERIFY_MODES)}.")
+
+
+def out_of_core_verify(verify: str | None, source: ModelSource) -> tuple[str, Check | None]:
+    """The check a checkpoint written out of core gets: (mode, the "none" entry when no model is
+    loaded). The default is the proof when the original fits in free RAM, else the headers only —
+    said in the log and the manifest; a mode asked for that does not fit is refused (exit 2)."""
+    check_verify(verify)
+    if verify == "none":
+        return "none", Check(check="none", detail="The written checkpoint was not reloaded or compared with the original (--verify none).")
+    needed, free = proof_memory(source.path), available_memory()
+    if needed <= free:
+        return verify or "skip-equivalence", None
+    reason = f"loading the model to check it needs about {human_bytes(needed)} of RAM, and {human_bytes(free)} is free"
+    if verify is not None:
+        raise InputError(
+            f"--verify {verify} cannot run here: {reason}.",
+            fix="free some memory, or pass --verify none (the written headers are still checked against the plan).",
+        )
+    log.warning("not comparing the pruned checkpoint with the original: %s; only the written headers are checked", reason)
+    return "none", Check(check="none", detail=f"The written checkpoint was not compared with the original: {reason}.")
+
+
+def folder_proof(mode: str, source: ModelSource, plan: SurgeryPlan, samples: list[Sample] | None) -> Callable[[Path], Check] | None:
+    """The check `write_checkpoint` runs on a folder written out of core (None for "none")."""
+    if mode == "none":
+        return None
+
+    def prove(folder: Path) -> Check:
+        from .equivalence import prove_from_folders  # torch and transformers: only when a model is loaded
+
+        return prove_from_folders(mode, source, folder, plan.removed_indices, samples)
+
+    return prove
 
 
 def onnx_tolerance(recipe_file: RecipeFile | None, onnx: bool | None) -> float | None:
@@ -69,15 +133,19 @@ def write_checkpoint(
     source: ModelSource,
     adapter: Adapter,
     plan: SurgeryPlan,
-) -> tuple[Any, OnnxExportResult | None]:
-    """Run ``write(folder, overwrite)`` (an HF export); with ``onnx`` (the tolerance), also
-    export the written checkpoint to ONNX in ``onnx/`` inside it. Both are verified inside one
-    staging folder, which gets its manifest (`manifest.py`) last: ``out`` appears only when
-    everything passed, and then says what was checked."""
+    prove: Callable[[Path], Check] | None = None,
+    unverified: Check | None = None,
+) -> tuple[Any, OnnxExportResult | None, list[Check]]:
+    """Run ``write(folder, overwrite)`` (an HF export), then ``prove(folder)`` when given (the
+    check of a checkpoint written out of core: `folder_proof`; ``unverified`` says why there is
+    none); with ``onnx`` (the tolerance), also export the written checkpoint to ONNX in ``onnx/``
+    inside it. All of it inside one staging folder, which gets its manifest (`manifest.py`)
+    last: ``out`` appears only when everything passed, and then says what was checked."""
     with staged_dir(out, overwrite=overwrite, sources=[source.path]) as staging:
         hf = staging / "hf"
         result = write(hf, False)
         _check_written_blocks(hf, adapter, plan, source)
+        checks = _written_checks(result) + ([prove(hf)] if prove is not None else []) + ([unverified] if unverified else [])
         graphs = None
         if onnx is not None:
             from .onnx_export import export_onnx  # torch, onnx: only when ONNX is asked for
@@ -86,7 +154,7 @@ def write_checkpoint(
         for entry in list(hf.iterdir()):
             entry.rename(staging / entry.name)
         hf.rmdir()
-        checks = [_reload_check(result)] + ([_onnx_check(graphs, onnx)] if graphs is not None and onnx is not None else [])
+        onnx_checks = [_onnx_check(graphs, onnx)] if graphs is not None and onnx is not None else []
         facts = {
             "source": source_facts(source),
             "versions": environment(),
@@ -97,11 +165,11 @@ def write_checkpoint(
         }
         # The out-of-core writer hashed its weight files as it wrote them: they are not read again.
         hashed = result.file_hashes if isinstance(result, CheckpointResult) else None
-        write_manifest(staging, checks=checks, facts=facts, hashed=hashed)
+        write_manifest(staging, checks=[*checks, *onnx_checks], facts=facts, hashed=hashed)
         # The card again, now from the folder: it can state every check, the ONNX one included.
         (staging / "README.md").write_text(render_card(facts_from_folder(staging, name=Path(out).name)))
     final = Path(out).resolve()
-    return replace(result, path=final), replace(graphs, path=final / "onnx") if graphs is not None else None
+    return replace(result, path=final), replace(graphs, path=final / "onnx") if graphs is not None else None, checks
 
 
 def _check_written_blocks(folder: Path, adapter: Adapter, plan: SurgeryPlan, source: ModelSource) -> None:
@@ -145,10 +213,12 @@ def fixed_blocks_of_folder(folder: Path, source: ModelSource) -> dict[int, str]:
     return adapter_for_config(config).fixed_blocks(config)
 
 
-def _reload_check(result: ExportResult | CheckpointResult) -> dict[str, Any]:
+def _written_checks(result: ExportResult | CheckpointResult) -> list[Check]:
+    """What the writer itself checked: the out-of-core rewrite its headers, the in-memory export
+    what its ``verify`` asked for."""
     if isinstance(result, CheckpointResult):
-        return {"check": "out-of-core-headers", "passed": True, "detail": VERIFIED_OUT_OF_CORE}
-    return {"check": "hf-reload", "passed": True, "max_abs_diff": result.max_abs_diff, "detail": RELOAD_VERIFIED}
+        return [Check(check="out-of-core-headers", detail=VERIFIED_OUT_OF_CORE)]
+    return [result.check]
 
 
 def _onnx_check(graphs: OnnxExportResult, tolerance: float) -> dict[str, Any]:
@@ -160,8 +230,10 @@ def _onnx_check(graphs: OnnxExportResult, tolerance: float) -> dict[str, Any]:
         "max_abs_diff": graphs.max_abs_diff,
         "tolerance": tolerance,
         "greedy_tokens": graphs.greedy_tokens,
-        "detail": f"ONNX graphs ({graphs.layout} layout) compared with PyTorch on {graphs.provider}; "
-        f"{graphs.greedy_tokens} greedy tokens identical.",
+        "exporter": graphs.exporter,
+        "client": graphs.client,
+        "detail": f"ONNX graphs ({graphs.layout} layout, {graphs.exporter}) compared with PyTorch on {graphs.provider}; "
+        f"{graphs.greedy_tokens} greedy tokens generated by {graphs.client} identical to PyTorch's.",
     }
 
 
@@ -345,9 +417,13 @@ def prune(
     placement: Placement | None = None,
     allow_outside_data: bool = False,
     trust_remote_code: bool = False,
+    verify: str | None = None,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``.
+
+    ``verify`` (`manifest.VERIFY_MODES`, default the strongest that fits: see the module
+    docstring) says how the written checkpoint is checked.
 
     With a ``placement`` device map (a model bigger than one device), the model is loaded only
     to calibrate; the checkpoint is then written out of core from the source files.
@@ -359,6 +435,7 @@ def prune(
     """
     tolerance = onnx_tolerance(recipe_file, onnx)
     _one_of(recipe_file, plan_file)
+    check_verify(verify)
     if data is not None and calibration is not None:
         raise InputError("Give either --data or --calibration, not both.", fix="drop one of them.")
     data_path = data_file(recipe_file, data) if calibration is None else None
@@ -388,6 +465,7 @@ def prune(
             fixed_plan=inputs.plan,
             onnx=tolerance,
             out_of_core=_spread(placement),
+            verify=verify,
         )
 
 
@@ -422,18 +500,24 @@ def prune_out_of_core(
     progress: Callable[[int, int], None] | None = None,
     onnx: bool | None = None,
     trust_remote_code: bool = False,
+    verify: str | None = None,
 ) -> PruneResult:
     """Rewrite the checkpoint's safetensors files without loading the model (no GPU, little RAM).
 
     The plan comes from a saved plan, an explicit recipe, or a recipe plus an existing
     calibration report; calibrating needs the model in memory, so it cannot happen here.
+    The written checkpoint is then checked as ``verify`` says (`out_of_core_verify`): by
+    default compared with the original, loading both one after the other, when they fit in RAM.
     """
     _one_of(recipe_file, plan_file)
+    check_verify(verify)
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
     sources = [source.path, calibration, plan_file, recipe_file.path if recipe_file else None]
     with claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext():
         inputs = read_inputs(data=None, calibration=calibration, plan_file=plan_file, options=None, allow_outside_data=False)
-        return _prune_out_of_core(source, out, recipe_file, inputs, overwrite=overwrite, dry_run=dry_run, progress=progress, onnx=onnx)
+        return _prune_out_of_core(
+            source, out, recipe_file, inputs, overwrite=overwrite, dry_run=dry_run, progress=progress, onnx=onnx, verify=verify
+        )
 
 
 def _prune_out_of_core(
@@ -446,6 +530,7 @@ def _prune_out_of_core(
     dry_run: bool,
     progress: Callable[[int, int], None] | None,
     onnx: bool | None,
+    verify: str | None,
 ) -> PruneResult:
     adapter, num_blocks = declared_blocks(source.path, source)
     fixed = fixed_blocks_of_folder(source.path, source)
@@ -465,7 +550,8 @@ def _prune_out_of_core(
     if dry_run:
         return PruneResult(plan=fixed_plan, export=None, calibration=report)
     _refuse_empty(fixed_plan)
-    result, graphs = write_checkpoint(
+    mode, unverified = out_of_core_verify(verify, source)
+    result, graphs, checks = write_checkpoint(
         lambda folder, replace_existing: rewrite_checkpoint(
             source.path,
             folder,
@@ -483,8 +569,10 @@ def _prune_out_of_core(
         source=source,
         adapter=adapter,
         plan=fixed_plan,
+        prove=folder_proof(mode, source, fixed_plan, None),
+        unverified=unverified,
     )
-    return PruneResult(plan=fixed_plan, export=result, calibration=report, onnx=graphs)
+    return PruneResult(plan=fixed_plan, export=result, calibration=report, onnx=graphs, checks=checks)
 
 
 def _refuse_empty(surgery_plan: SurgeryPlan) -> None:
@@ -507,6 +595,7 @@ def _prune_loaded(
     fixed_plan: SurgeryPlan | None = None,
     onnx: float | None = None,
     out_of_core: bool = False,
+    verify: str | None = None,
 ) -> PruneResult:
     num_blocks = loaded.adapter.num_blocks(loaded.model.config)
     fixed = loaded.adapter.fixed_blocks(loaded.model.config)
@@ -522,7 +611,10 @@ def _prune_loaded(
         return PruneResult(plan=surgery_plan, export=None, calibration=report)
     _refuse_empty(surgery_plan)
     recipe_text = surgery_plan.recipe_text
+    prove, unverified = None, None
     if out_of_core:  # a spread model: rewrite the source files rather than gather it to save
+        mode, unverified = out_of_core_verify(verify, loaded.source)
+        prove = folder_proof(mode, loaded.source, surgery_plan, samples)
 
         def write(folder: Path, replace_existing: bool) -> Any:
             return rewrite_checkpoint(
@@ -536,9 +628,17 @@ def _prune_loaded(
                 overwrite=replace_existing,
             )
     else:
+        from .equivalence import record_reference
         from .export import export_hf
         from .surgery import apply_plan, count_parameters
 
+        mode = verify or "skip-equivalence"  # the original is in memory: the proof costs two forward passes
+        # Recorded now: surgery mutates the model in place, and the original is not kept twice.
+        reference = (
+            record_reference(loaded.model, loaded.processor, loaded.adapter, surgery_plan.removed_indices, samples)
+            if mode == "skip-equivalence"
+            else None
+        )
         params_before = count_parameters(loaded.model)
         apply_plan(loaded.model, surgery_plan, loaded.adapter)
 
@@ -555,12 +655,22 @@ def _prune_loaded(
                 calibration=report,
                 samples=samples,
                 overwrite=replace_existing,
+                verify=mode,
+                reference=reference,
             )
 
-    exported, graphs = write_checkpoint(
-        write, out, overwrite=overwrite, onnx=onnx, source=loaded.source, adapter=loaded.adapter, plan=surgery_plan
+    exported, graphs, checks = write_checkpoint(
+        write,
+        out,
+        overwrite=overwrite,
+        onnx=onnx,
+        source=loaded.source,
+        adapter=loaded.adapter,
+        plan=surgery_plan,
+        prove=prove,
+        unverified=unverified,
     )
-    return PruneResult(plan=surgery_plan, export=exported, calibration=report, onnx=graphs)
+    return PruneResult(plan=surgery_plan, export=exported, calibration=report, onnx=graphs, checks=checks)
 
 
 def run(
@@ -579,6 +689,7 @@ def run(
     placement: Placement | None = None,
     allow_outside_data: bool = False,
     trust_remote_code: bool = False,
+    verify: str | None = None,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """The whole chain a recipe describes, everything of the run under ``out``.
@@ -586,7 +697,8 @@ def run(
     Layout: ``out/calibration.json`` (when calibrated), ``out/plan.json``, ``out/hf/`` (with
     ``out/hf/onnx/`` when the recipe's export formats or ``onnx`` ask for it), and
     ``out/report/`` when there is evaluation data (``eval_data`` or the recipe's
-    ``validate.data``): the validation report, gated by the recipe's thresholds.
+    ``validate.data``): the validation report, gated by the recipe's thresholds. ``verify``
+    checks ``out/hf`` as for `prune`.
     """
     model_ref = model_ref or recipe_file.recipe.model
     if model_ref is None:
@@ -594,6 +706,7 @@ def run(
             f"No model given for recipe '{recipe_file.path.name}'.",
             fix="pass --model (a folder or Hub id), or set `model:` in the recipe.",
         )
+    check_verify(verify)
     options = calibration_options(recipe_file.recipe, **calibration_overrides)
     data_path = data_file(recipe_file, data)
     thresholds = recipe_file.recipe.thresholds
@@ -624,6 +737,7 @@ def run(
                 overwrite=False,
                 onnx=onnx_tolerance(recipe_file, onnx),
                 out_of_core=_spread(placement),
+                verify=verify,
             )
             result.plan.save(staging / "plan.json")
             (staging / "recipe.yaml").write_text(recipe_file.text)

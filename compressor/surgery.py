@@ -4,8 +4,10 @@ The exact procedure (FACTS.md): delete the blocks from the block list; renumber 
 block's index attributes 0..n-1 (the KV cache is indexed by them — without this, cached
 generation breaks); set the block count at its dotted config key; *select* per-layer config
 lists by kept index (truncating silently changes which blocks slide); remap index-valued
-fields such as `max_window_layers` to the number of kept blocks below the old value. Every
-config object holding the decoder's block count is updated, since some families keep copies.
+fields such as `max_window_layers` to the number of kept blocks below the old value (and the
+other rule kinds of `reindex`). Every config object holding the decoder's block count is
+updated, since some families keep copies. A config the rules cannot re-index, or a plan that
+leaves no block of a layer type the family needs, is refused before the model changes.
 
 `skip_blocks` is the reference surgery is checked against: the original model, with the
 same blocks turned into the identity at run time.
@@ -20,10 +22,11 @@ from typing import Any
 from torch import nn
 from transformers import PretrainedConfig
 
+from . import block_tensors
 from .architectures import Adapter
 from .errors import PlanError, SurgeryError
 from .planner import SurgeryPlan
-from .reindex import layer_period, reindex_config  # the config rules, shared with the out-of-core rewrite
+from .reindex import check_reindex, layer_period, reindex_config  # the config rules, shared with the out-of-core rewrite
 
 
 def _decoder_configs(model: nn.Module, adapter: Adapter) -> list[Any]:
@@ -61,10 +64,13 @@ def apply_plan(model: nn.Module, plan: SurgeryPlan, adapter: Adapter) -> nn.Modu
         raise PlanError("The plan removes every block.", fix="keep at least one block.")
     plan.check_fixed(adapter.fixed_blocks(model.config))
     configs = _decoder_configs(model, adapter)
+    for config in configs:  # before anything changes: a refused model stays as it was
+        check_reindex(config, adapter, kept)
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
     for new_index, block in enumerate(new_blocks):
         _renumber(block, new_index, adapter.renumber_attrs)
     adapter.set_blocks(model, new_blocks)
+    block_tensors.slice_in_memory(model, adapter, kept, plan.num_blocks)  # per-layer embeddings, decoder index attributes
     for config in configs:
         reindex_config(config, adapter, kept)
     check_invariants(model, adapter)
@@ -84,6 +90,10 @@ def check_invariants(model: nn.Module, adapter: Adapter) -> None:
             values = getattr(config, key, None)
             if values is not None and len(values) != count:
                 problems.append(f"config {key} has {len(values)} entries for {count} blocks")
+        for key in adapter.index_lists:
+            stray = [i for i in getattr(config, key, None) or () if not 0 <= i < count]
+            if stray:
+                problems.append(f"config {key} names blocks {stray}, beyond the {count} blocks")
         layer_types = getattr(config, "layer_types", None)
         for key in adapter.layer_period_fields:
             value = getattr(config, key, None)
@@ -96,6 +106,7 @@ def check_invariants(model: nn.Module, adapter: Adapter) -> None:
                 if value != index:
                     where = f"{module_name}.{attr}" if module_name else attr
                     problems.append(f"block {index}: {where} = {value}, expected {index}")
+    problems += block_tensors.problems(model, adapter, adapter.text_config(model.config), count)
     if problems:
         raise SurgeryError(
             "The pruned model breaks surgery invariants:\n" + "\n".join(f"  - {p}" for p in problems),

@@ -69,8 +69,14 @@ from compressor.demo.processor import CHAT_TEMPLATE, IMAGE, build_llava_processo
 from compressor.loading import video_processor_placeholder  # noqa: E402
 
 WORDS = "what color shape is the how many red blue green circle square one two three describe count to".split()
-FAMILIES = ("llava", "llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3")
-MULTIMODAL = frozenset({"llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3"})
+FAMILIES = (
+    "llava", "llama", "mistral", "qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3",
+    "qwen3", "qwen3_moe", "gemma3_text", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma4", "gemma4_text",
+    "qwen3_5_text", "qwen3_5_moe_text",
+)  # fmt: skip
+MULTIMODAL = frozenset(
+    {"llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma4"}
+)
 
 # Image tokens per 16x16 calibration image, as each family's vision tower produces them:
 # LLaVA 16/4 squared patches; Qwen 24x24 (min_pixels) / patch 4 = 6x6 grid, merged 2x2 -> 9;
@@ -78,6 +84,10 @@ MULTIMODAL = frozenset({"llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3
 # (16/4 squared patches, pixel-shuffled by 2x2) -> 20; PaliGemma 16/4 squared patches -> 16;
 # Gemma3 mm_tokens_per_image (16 patches average-pooled 2x2) -> 4.
 IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 9, "qwen2_5_vl": 9, "qwen3_vl": 9, "idefics3": 20, "paligemma": 16, "gemma3": 4}
+IMAGE_TOKENS.update(dict.fromkeys(("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"), 9))  # the Qwen3-VL vision tower and processor
+# Gemma 4 resizes to its smallest patch budget (70 soft tokens x 2x2 pooling = 280 patches of 4x4):
+# 16x16 becomes 64x64, a 16x16 grid of patches pooled 2x2 -> 64.
+IMAGE_TOKENS["gemma4"] = 64
 
 # Each family's image placeholder in the chat template (CHAT_TEMPLATE writes LLaVA's "<image>").
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -86,6 +96,20 @@ IDEFICS3_SPECIAL = ("<fake_token_around_image>", "<global-img>", "<end_of_uttera
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
 )
 GEMMA3_SPECIAL = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+# Gemma 4's processor also reads the audio tokens from the tokenizer (and refuses text without them).
+GEMMA4_SPECIAL = {**GEMMA3_SPECIAL, "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"}
+
+
+def missing_reason(family: str) -> str | None:
+    """Why ``family`` cannot be tested with the installed transformers (its modeling folder,
+    transformers/models/<Adapter.transformers_module>, is absent), or None when it can."""
+    from compressor.architectures import ADAPTERS
+    from compressor.versions import family_available, installed, requirement
+
+    adapter = next(a for a in ADAPTERS if a.family == family)
+    if family_available(adapter):
+        return None
+    return f"transformers {installed('transformers')} lacks the {family} family (needs {requirement(adapter)})"
 
 
 def removable(removed: list[int], fixed, num_blocks: int = 6) -> list[int]:
@@ -199,7 +223,7 @@ def _qwen_vl(family: str, layers: int, deepstack: int = 1):
         video_processor = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     else:
         video_processor = video_processor_placeholder()
-    processor_class = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
+    processor_class = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}.get(family, Qwen3VLProcessor)
     processor = processor_class(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=tokenizer.chat_template
     )
@@ -210,7 +234,7 @@ def _qwen_vl(family: str, layers: int, deepstack: int = 1):
         )
     )
     common = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen3_vl":
+    if family.startswith("qwen3"):
         # No sliding window; interleaved M-RoPE over head_dim/2 = 4 frequencies. DeepStack: the
         # first vision block's features are added to the output of decoder block 0, so block 0
         # is fixed (the adapter's fixed_leading_key); 16 position embeddings, a 4x4 grid.
@@ -226,6 +250,13 @@ def _qwen_vl(family: str, layers: int, deepstack: int = 1):
             deepstack_visual_indexes=list(range(deepstack)),
             **common,
         )
+        if family.startswith("qwen3_5"):
+            return _qwen3_5(family, tokenizer, text, vision, token_ids), processor
+        if family == "qwen3_vl_moe":
+            from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+            config = Qwen3VLMoeConfig(text_config={**text, **MOE}, vision_config=vision, **token_ids)
+            return Qwen3VLMoeForConditionalGeneration(config), processor
         return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)), processor
     # M-RoPE splits head_dim/2 = 4 rotary frequencies over (time, height, width).
     # Like qwen2: the first 2 blocks full attention, the rest sliding over a short window.
@@ -244,6 +275,45 @@ def _qwen_vl(family: str, layers: int, deepstack: int = 1):
         depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1], **common
     )
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)), processor
+
+
+# MoE text config: 4 experts of which 2 per token. Sparse every second block, and block 5 dense by
+# list: block kinds D S D S D D, so removals change which step or list describes the kept blocks
+# (the reindex rules `Adapter.index_lists` and `Adapter.step_rules`).
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[5])
+
+
+def _qwen3_5(family: str, tokenizer, text: dict, vision: dict, token_ids: dict):
+    """Qwen3.5 (transformers 5.x only, imported here): hybrid Gated DeltaNet / full attention, layer
+    types L F L F L F (full every second block, stated also as `full_attention_interval`, as real
+    checkpoints do; every 4th in those, but then the conformance removals would leave no full-attention
+    block, which `Adapter.required_layer_type` refuses); partial rotary over half of head_dim 16 = the
+    M-RoPE section's 4 frequencies."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    text = {k: v for k, v in text.items() if k != "rope_scaling"}
+    text.update(
+        head_dim=16,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.5,
+        },
+        linear_conv_kernel_dim=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=["linear_attention" if (i + 1) % 2 else "full_attention" for i in range(text["num_hidden_layers"])],
+        full_attention_interval=2,
+    )
+    vision = {k: v for k, v in vision.items() if k != "deepstack_visual_indexes"}
+    if family == "qwen3_5_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+        return Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeConfig(text_config=text, vision_config=vision, **token_ids))
+    return Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision, **token_ids))
 
 
 def _idefics3(layers: int):
@@ -312,6 +382,61 @@ def _gemma3(layers: int):
     return model, processor
 
 
+def _gemma4(family: str, layers: int):
+    """Gemma 4 (transformers 5 only): layer_types S S S S F F (no rule fixes a block, so the shared
+    tests' removals all apply; tests/test_gemma4.py covers the KV-shared layouts), per-layer
+    embeddings of width 4, full-attention blocks with their own head_dim (`per_layer_config`)."""
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ForCausalLM,
+        Gemma4ForConditionalGeneration,
+        Gemma4ImageProcessorPil,
+        Gemma4Processor,
+        Gemma4TextConfig,
+    )
+
+    template = CHAT_TEMPLATE.replace(IMAGE, GEMMA4_SPECIAL["image_token"])
+    tokenizer = build_tokenizer(WORDS, extra_special_tokens=GEMMA4_SPECIAL, chat_template=template)
+    processor = tokenizer
+    if family == "gemma4":  # the processor adds its video token to the tokenizer: before the vocabulary is sized
+        processor = Gemma4Processor(
+            feature_extractor=Gemma4AudioFeatureExtractor(),
+            image_processor=Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70),
+            tokenizer=tokenizer,
+            video_processor=video_processor_placeholder(),
+            chat_template=template,
+        )
+    text = dict(
+        **_text_kwargs(tokenizer, layers),
+        head_dim=8,
+        global_head_dim=16,
+        hidden_size_per_layer_input=4,
+        vocab_size_per_layer_input=len(tokenizer),
+        layer_types=["sliding_attention"] * (layers - 2) + ["full_attention"] * 2,
+        sliding_window=6,
+        tie_word_embeddings=False,  # as Gemma3's
+    )
+    if family == "gemma4_text":
+        return Gemma4ForCausalLM(Gemma4TextConfig(**text)), processor
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma4Config(
+        text_config={**text, "use_bidirectional_attention": "vision"},
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=16,
+        ),
+        image_token_id=tokenizer.image_token_id,
+        boi_token_id=ids(GEMMA4_SPECIAL["boi_token"]),
+        eoi_token_id=ids(GEMMA4_SPECIAL["eoi_token"]),
+        video_token_id=processor.video_token_id,
+        audio_token_id=ids(GEMMA4_SPECIAL["audio_token"]),
+        boa_token_id=ids(GEMMA4_SPECIAL["boa_token"]),
+        eoa_token_index=ids(GEMMA4_SPECIAL["eoa_token"]),
+    )  # fmt: skip
+    return Gemma4ForConditionalGeneration(config), processor
+
+
 def build_tiny(family: str, layers: int = 6, seed: int = 0, deepstack: int = 1):
     """(model, processor) of ``family`` with random weights, float32, eval mode (``deepstack``:
     Qwen3-VL's DeepStack levels, one per vision block, so at most 2)."""
@@ -345,14 +470,42 @@ def build_tiny(family: str, layers: int = 6, seed: int = 0, deepstack: int = 1):
         # First 2 blocks full attention, the rest sliding: layer_types mixes both kinds.
         config = Qwen2Config(**_text_kwargs(tokenizer, layers), use_sliding_window=True, sliding_window=6, max_window_layers=2)
         processor, model = tokenizer, Qwen2ForCausalLM(config)
-    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    elif family in ("qwen3", "qwen3_moe"):
+        from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        tokenizer = _bpe_tokenizer("qwen", Qwen2TokenizerFast)  # a qwen2 tokenizer, loaded as qwen2's (see there)
+        if family == "qwen3":  # as qwen2: the first 2 blocks full attention, the rest sliding
+            config = Qwen3Config(
+                **_text_kwargs(tokenizer, layers), head_dim=8, use_sliding_window=True, sliding_window=6, max_window_layers=2
+            )
+            processor, model = tokenizer, Qwen3ForCausalLM(config)
+        else:
+            processor, model = tokenizer, Qwen3MoeForCausalLM(Qwen3MoeConfig(**_text_kwargs(tokenizer, layers), head_dim=8, **MOE))
+    elif family == "gemma3_text":
+        from transformers import Gemma3ForCausalLM
+
+        # Gemma3's decoder alone: layer_types S S F S S F as in gemma3; untied as there.
+        config = Gemma3TextConfig(
+            **_text_kwargs(tokenizer, layers), head_dim=8, sliding_window=6, sliding_window_pattern=3, tie_word_embeddings=False
+        )
+        processor, model = tokenizer, Gemma3ForCausalLM(config)
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
         model, processor = _qwen_vl(family, layers, deepstack)
+    elif family in ("qwen3_5_text", "qwen3_5_moe_text"):
+        # The Qwen3.5 VLM's decoder alone (its ForCausalLM class), with the same tokenizer.
+        vlm, processor = _qwen_vl(family.removesuffix("_text"), layers, deepstack)
+        import transformers
+
+        causal_lm = getattr(transformers, type(vlm).__name__.replace("ForConditionalGeneration", "ForCausalLM"))
+        processor, model = processor.tokenizer, causal_lm(vlm.config.text_config)
     elif family == "idefics3":
         model, processor = _idefics3(layers)
     elif family == "paligemma":
         model, processor = _paligemma(layers)
     elif family == "gemma3":
         model, processor = _gemma3(layers)
+    elif family in ("gemma4", "gemma4_text"):
+        model, processor = _gemma4(family, layers)
     else:
         raise ValueError(family)
     model.config.architectures = [type(model).__name__]
@@ -382,36 +535,64 @@ def write_data(folder: Path, *, images: bool, n: int = 6) -> Path:
     return path
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "optimum_onnx: exports through optimum's ONNX exporter (optimum-onnx); skipped only where it cannot be imported"
-    )
+def pytest_collection_modifyitems(config, items):
+    """Skip, with the reason, every test parametrised by a family (a ``family`` argument or the
+    ``tiny`` fixture) that the installed transformers lacks: Qwen3.5 under 4.57, say."""
+    from compressor.architectures import supported_families
+
+    reasons = {family: reason for family in supported_families() if (reason := missing_reason(family))}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        family = params.get("family", params.get("tiny"))
+        if family in reasons:
+            item.add_marker(pytest.mark.skip(reason=reasons[family]))
 
 
-def pytest_runtest_setup(item):
-    """Skip an ``optimum_onnx`` test where ``optimum.exporters.onnx`` does not import: optimum 2.2+
-    moved it into optimum-onnx, whose only release (0.1.0) needs transformers < 4.58, so no
-    transformers 5 environment has it. Imported here, on first use, not at collection (~4 s)."""
-    if item.get_closest_marker("optimum_onnx") is None:
-        return
-    try:
-        import optimum.exporters.onnx  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"needs optimum.exporters.onnx (optimum-onnx, transformers < 4.58 only), which does not import here: {error}")
+class TinyModels(dict):
+    """Family -> `TinyModel`, each built and saved on first use (a targeted test run builds only
+    the families it touches). Iterating gives every family this transformers has; indexing a
+    family it lacks skips the test with the reason (`missing_reason`)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> TinyModel:
+        if family not in FAMILIES:
+            raise KeyError(family)
+        reason = missing_reason(family)
+        if reason:
+            pytest.skip(reason)
+        model, processor = build_tiny(family)
+        path = self.root / family
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        data = write_data(self.root / f"{family}-data", images=family in MULTIMODAL)
+        self[family] = TinyModel(family=family, path=path, data=data)
+        return self[family]
+
+    def _every(self) -> list[str]:
+        return [f for f in FAMILIES if missing_reason(f) is None]
+
+    def items(self):
+        return [(f, self[f]) for f in self._every()]
+
+    def keys(self):
+        return self._every()
+
+    def values(self):
+        return [self[f] for f in self._every()]
+
+    def __iter__(self):
+        return iter(self._every())
+
+    def __len__(self):
+        return len(self._every())
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
-    root = tmp_path_factory.mktemp("tiny")
-    found = {}
-    for family in FAMILIES:
-        model, processor = build_tiny(family)
-        path = root / family
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-        data = write_data(root / f"{family}-data", images=family in MULTIMODAL)
-        found[family] = TinyModel(family=family, path=path, data=data)
-    return found
+    return TinyModels(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(params=FAMILIES)

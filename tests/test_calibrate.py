@@ -78,6 +78,9 @@ PROCESSORS = {
     "idefics3": "Idefics3Processor",
     "paligemma": "PaliGemmaProcessor",
     "gemma3": "Gemma3Processor",
+    "gemma4": "Gemma4Processor",
+    # Qwen3-VL-MoE and Qwen3.5 reuse Qwen3-VL's processor.
+    **dict.fromkeys(("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"), "Qwen3VLProcessor"),
 }
 
 

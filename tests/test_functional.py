@@ -248,7 +248,10 @@ def test_visual_attention_on_every_vlm(family, tiny_models):
         loaded.model, loaded.processor, loaded.adapter, load_samples(tiny.data)[:2], options=CalibrationOptions(attention=True)
     )
     ratios = report.values("visual_attention", "all")
-    assert all(r is not None and 0 < r < 1 for r in ratios)
+    # Linear-attention blocks (Qwen3.5's Gated DeltaNet) form no attention weights: no ratio.
+    softmax = [getattr(block, "self_attn", None) is not None for block in loaded.adapter.blocks(loaded.model)]
+    assert [r is not None for r in ratios] == softmax
+    assert all(0 < r < 1 for r in ratios if r is not None)
     assert loaded.model.config._attn_implementation == before  # eager only for the attention pass
 
 

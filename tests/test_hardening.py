@@ -535,7 +535,7 @@ def test_a_tokenizer_without_pad_token_changes_no_figure(tmp_path, tiny_models, 
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--out-of-core"], pytest.param(["--onnx"], marks=pytest.mark.optimum_onnx)],  # llama's ONNX goes through optimum-onnx
+    [[], ["--out-of-core"], ["--onnx"]],
     ids=["in-memory", "out-of-core", "onnx"],
 )
 def test_messages_name_final_paths_only(tmp_path, tiny_models, capsys, extra):

@@ -227,37 +227,6 @@ def test_compare_latency_reports_achieved_ideal_and_their_ratio(llama, pruned_ll
 
 
 # -- ONNX Runtime ---------------------------------------------------------------------------
-def _export_llama_onnx(model, path) -> None:
-    """A single-graph (no KV cache) export: input_ids, attention_mask -> logits."""
-    from optimum.exporters.onnx.model_patcher import sdpa_mask_without_vmap
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    ids = torch.tensor([[3, 4, 5, 6]])
-    axes = {0: "batch", 1: "sequence"}
-    # The legacy exporter cannot trace the vmap-built mask (FACTS.md); optimum's loop-free one can.
-    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", sdpa_mask_without_vmap)
-    try:
-        torch.onnx.export(
-            Logits(model).eval(),
-            (ids, torch.ones_like(ids)),
-            str(path),
-            dynamo=False,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
-        )
-    finally:
-        ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", sdpa_mask)
-
-
 def _merged_style_graph(path, vocab: int) -> None:
     """A stand-in for optimum's decoder_model_merged.onnx: KV-cache inputs and a branch flag
     (unused by the graph), logits from an embedding lookup."""
@@ -295,13 +264,17 @@ def test_find_onnx_looks_inside_and_beside_the_checkpoint(tmp_path):
     assert find_onnx(export / "hf") == export / "hf" / "onnx" / "model.onnx"
 
 
-@pytest.mark.optimum_onnx  # the export borrows optimum's loop-free mask function
 @pytest.mark.filterwarnings("ignore")  # the tracer's warnings about the export itself
 def test_onnx_runtime_latency_of_an_exported_llama(llama, tmp_path):
+    """The graph compressor's own exporter writes (KV cache inputs, fed an empty past)."""
+    from compressor.onnx_export import export_onnx
+
     model, tokenizer, adapter = llama
-    (tmp_path / "onnx").mkdir()
-    _export_llama_onnx(model, tmp_path / "onnx" / "model.onnx")
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    export_onnx(tmp_path / "hf", tmp_path / "onnx", prefer_cuda=False)
     path = find_onnx(tmp_path / "hf")
+    assert path == tmp_path / "onnx" / "model.onnx"
     result = measure_latency(model, tokenizer, adapter, **{**FAST, "batch_sizes": (1, 2)}, onnx=path)
     onnx = result["onnx"]
     assert "error" not in onnx, onnx

@@ -95,7 +95,8 @@ def test_prune_with_a_device_map_writes_out_of_core(tiny_models, tmp_path, capsy
     assert code == 0, err
     assert "out of core" in out
     manifest = json.loads((tmp_path / "spread" / "compressor.json").read_text())
-    assert [c["check"] for c in manifest["verification"]] == ["out-of-core-headers"]
+    # Written out of core, then proved: the original and the pruned checkpoint loaded from their folders.
+    assert [c["check"] for c in manifest["verification"]] == ["out-of-core-headers", "skip-equivalence"]
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "memory" / "model.safetensors"), load_file(tmp_path / "spread" / "model.safetensors")
