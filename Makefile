@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-457 test-slow demo bench bench-scale bench-quality bench-gpu lint clean
+.PHONY: install test test-457 test-517 test-slow demo bench bench-scale bench-quality bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ $(LEGACY_STAMP): pyproject.toml constraints-457.txt
 
 test-457: $(LEGACY_STAMP)
 	$(LEGACY_VENV)/bin/python -m pytest -q
+
+# The transformers 5.17 leg, in its own venv (constraints-517.txt): the release the project's GPU machines
+# carry, without torchvision here (its registry wheel is CUDA-built), which exercises loading.py's 5.17 paths.
+V517_VENV ?= .venv-517
+V517_STAMP := $(V517_VENV)/.installed
+
+$(V517_STAMP): pyproject.toml constraints-517.txt
+	$(PYTHON) -m venv $(V517_VENV)
+	$(V517_VENV)/bin/pip install --quiet --upgrade pip
+	$(V517_VENV)/bin/pip install --quiet -c constraints-517.txt -e ".[dev]"
+	touch $(V517_STAMP)
+
+test-517: $(V517_STAMP)
+	$(V517_VENV)/bin/python -m pytest -q
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
@@ -64,4 +78,4 @@ lint: install
 	$(BIN)/ruff check compressor tests
 
 clean:
-	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info
+	rm -rf $(VENV) $(LEGACY_VENV) $(V517_VENV) build *.egg-info

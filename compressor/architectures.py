@@ -224,7 +224,6 @@ _QWEN3_5 = dict(
     image_token_keys=("image_token_id",),
     multimodal=True,
     min_transformers="5.17",
-    notes=("a plan must keep at least one full_attention block",),
     onnx="",
     onnx_refusal=(
         "Qwen3.5's Gated DeltaNet blocks carry a convolution and a recurrent state from token to token, "

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import metrics
 from .architectures import Adapter
+from .block_limits import BlockLimits
 from .calibration_report import METRICS, MODALITIES, REPORT_FORMAT, CalibrationReport  # noqa: F401 - re-exported
 from .data import Sample, build_batch, plan_batches
 from .distributed import Group
@@ -285,6 +286,7 @@ def calibrate(
                 progress=progress,
             )
     elapsed = time.perf_counter() - started
+    limits = BlockLimits.of(adapter, model.config)
     log.info("calibrated %d blocks on %d samples in %.2fs", len(blocks), len(samples), elapsed)
     return CalibrationReport(
         model={
@@ -292,8 +294,10 @@ def calibrate(
             "family": adapter.family,
             "architecture": type(model).__name__,
             "num_blocks": len(blocks),
-            # Blocks the family cannot lose (the planner skips them when given only this report).
-            "fixed_blocks": {str(i): why for i, why in adapter.fixed_blocks(model.config).items()},
+            # What the family forbids removing (the planner applies it when given only this report):
+            # single blocks, and the whole-removal rules over layer_types (`BlockLimits.rules`).
+            "fixed_blocks": {str(i): why for i, why in limits.fixed.items()},
+            "block_rules": limits.rules(),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(device),
             "devices": sorted({str(p.device) for p in model.parameters()}),

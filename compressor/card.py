@@ -49,6 +49,7 @@ class CardFacts:
     architecture: str | None = None
     report: dict[str, Any] | None = None
     report_path: str | None = None  # where the full report sits in the pushed repo
+    healing: dict[str, Any] | None = None  # the manifest's record of `compressor heal`, when it trained the weights
 
     @property
     def pipeline_tag(self) -> str:
@@ -80,6 +81,7 @@ def facts_from_folder(folder: Path, *, name: str, report: dict[str, Any] | None 
         architecture=(config.get("architectures") or [None])[0],
         report=report,
         report_path=report_path,
+        healing=manifest.get("healing"),
     )
 
 
@@ -96,8 +98,9 @@ def front_matter(facts: CardFacts, *, license: str | None = None) -> str:
         "library_name": "transformers",
         "license": license or facts.source.get("license") or None,
         "pipeline_tag": facts.pipeline_tag,
-        "tags": ["pruned", "depth-pruning", "compressor", facts.family],
-        "base_model_relation": BASE_MODEL_RELATION if hub_id else None,
+        "tags": ["pruned", "depth-pruning", "compressor", facts.family, *(["healed", "distillation"] if facts.healing else [])],
+        # Healed weights were trained: the Hub's relation for a trained derivative.
+        "base_model_relation": ("finetune" if facts.healing else BASE_MODEL_RELATION) if hub_id else None,
     }
     results = eval_results(facts)
     if results:
@@ -143,8 +146,12 @@ def render_card(facts: CardFacts, *, license: str | None = None, repo_id: str | 
         "",
         *(f"> **Warning:** {w}\n" for w in warnings or []),
         f"`{base}` with {len(removed)} of its {plan.num_blocks} text-decoder blocks removed "
-        f"(depth pruning with compressor, recipe `{plan.recipe}`, op `{plan.op}`). The remaining weights are the "
-        "base model's own, unchanged and not retrained.",
+        f"(depth pruning with compressor, recipe `{plan.recipe}`, op `{plan.op}`). "
+        + (
+            "The pruned model was then healed: trained to match the base model's outputs (see Healing below)."
+            if facts.healing
+            else "The remaining weights are the base model's own, unchanged and not retrained."
+        ),
         "",
         "| | original | pruned |",
         "|---|---:|---:|",
@@ -161,6 +168,7 @@ def render_card(facts: CardFacts, *, license: str | None = None, repo_id: str | 
         "",
         f"Kept blocks (original numbering): {plan.kept}.",
         "",
+        *_healing(facts),
         *_evaluation(facts),
         *_usage(facts, repo_id),
         "## How it was made",
@@ -178,6 +186,39 @@ def render_card(facts: CardFacts, *, license: str | None = None, repo_id: str | 
         "",
     ]
     return "\n".join(lines)
+
+
+def _healing(facts: CardFacts) -> list[str]:
+    """What `compressor heal` did, as its manifest record states it (figures measured, not claimed)."""
+    h = facts.healing
+    if not h:
+        return []
+    data, trained, loss = h.get("data") or {}, h.get("trained") or {}, h.get("loss") or {}
+    kl = h.get("held_out_kl") or {}
+    objective = "KL(base ‖ healed) of the next-token distributions"
+    if loss.get("hidden") not in (None, "none"):
+        objective += f" + {loss.get('hidden_weight')} × {loss['hidden']} between each kept block's output and the base model's"
+    if loss.get("ce_weight"):
+        objective += f" + {loss['ce_weight']} × cross-entropy on the answers"
+    lines = [
+        "## Healing",
+        "",
+        f"- Method `{h.get('method')}`: trained {h.get('trained_description', '')} "
+        f"({trained.get('parameters', 0):,} parameters); everything else frozen."
+        + (" LoRA adapters were merged into their layers: this is a plain checkpoint." if trained.get("lora") else ""),
+        f"- Teacher: `{(h.get('teacher') or {}).get('hub_id') or (h.get('teacher') or {}).get('ref')}` (the base model). "
+        f"Objective: {objective}.",
+        f"- Data: `{data.get('name')}` (sha256 `{str(data.get('sha256'))[:16]}…`), {data.get('train_samples')} training and "
+        f"{data.get('held_out_samples')} held-out samples.",
+        f"- {h.get('steps')} steps, {h.get('tokens'):,} tokens"
+        + (" (stopped early: the held-out KL stopped improving)" if h.get("stopped_early") else "")
+        + f"; learning rate {(h.get('options') or {}).get('lr')}, seed {(h.get('options') or {}).get('seed')}.",
+    ]
+    if kl.get("before") is not None:
+        lines.append(f"- Held-out KL(base ‖ model) per token: {kl['before']:.4g} before healing, {kl['after']:.4g} after.")
+    if h.get("loss_curve"):
+        lines.append(f"- Loss curve: `{h['loss_curve']}`.")
+    return [*lines, ""]
 
 
 def _evaluation(facts: CardFacts) -> list[str]:

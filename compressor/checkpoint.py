@@ -14,9 +14,10 @@ as a config in memory (`reindex.read_config_json` says when that is enough; othe
 transformers reads and writes it, and its import is paid).
 
 Memory stays at `HASH_DEPTH` copy buffers (``chunk_size`` bytes each) per shard being written
-(at most `MAX_PARALLEL_SHARDS` at once) plus the headers, whatever the model size: no tensor is deserialised, no torch storage is created, and no GPU is
-needed. Each source byte is read once: the writer hashes what it writes (`HashingWriter`), so
-the manifest (`manifest.write_manifest`) does not read the weight files again.
+(at most `MAX_PARALLEL_SHARDS` at once) plus the headers, whatever the model size: no tensor
+is deserialised, no torch storage is created, and no GPU is needed. Each source byte is read
+once: the writer hashes what it writes (`HashingWriter`), so the manifest
+(`manifest.write_manifest`) does not read the weight files again.
 
 The safetensors layout (https://huggingface.co/docs/safetensors): an 8-byte little-endian
 header length N; N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},

@@ -217,7 +217,11 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
     help="Show compressor's, transformers' and torch's versions and the families this transformers can handle.",
 )
 @_verbosity
@@ -340,11 +344,11 @@ def plan_command(
         check_output(output, overwrite=overwrite, sources=sources)
     recipe_file = load_recipe(recipe)
     report = CalibrationReport.load(calibration) if calibration else None
-    fixed = None  # the report's record of the blocks the family cannot lose, unless --model says
+    limits = None  # the report's record of what the family forbids removing, unless --model says
     if source is not None:
-        from .pipeline import fixed_blocks_of_folder
+        from .pipeline import block_limits_of_folder
 
-        fixed = fixed_blocks_of_folder(source.path, source)
+        limits = block_limits_of_folder(source.path, source)
     if report is not None:
         num_blocks = report.num_blocks
     elif source is not None:
@@ -361,7 +365,7 @@ def plan_command(
             fix="run `compressor calibrate MODEL --data D -o calibration.json` first.",
         )
     # The plan carries its recipe: `prune --plan` then keeps the recipe's validation gates.
-    surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report, fixed), recipe_text=recipe_file.text)
+    surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report, limits), recipe_text=recipe_file.text)
     click.echo(surgery_plan.describe())
     if output:
         with staged_file(output, overwrite=overwrite, sources=sources) as staging:
@@ -560,6 +564,8 @@ def run_command(
         **_overrides(kwargs),
     )
     _report_prune(result)
+    if result.healing is not None:
+        click.echo(result.healing.describe())
     if result.validation is not None:
         log.info("validation report: %s/report.{json,md,html}", result.validation.out_dir)
         click.echo(result.validation.verdict_line())
@@ -609,6 +615,107 @@ def _report_onnx(result: Any) -> None:
         f"greedy tokens of {result.client} equal to PyTorch's for {result.greedy_tokens} steps; "
         f"export {result.export_seconds:.1f} s, verification {result.verify_seconds:.1f} s)"
     )
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of block indices (e.g. 3,4)") from None
+
+
+@cli.command("heal")
+@click.argument("pruned")
+@click.option("--teacher", required=True, help="The original model PRUNED was pruned from (folder or Hub id).")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training JSONL (prompts; answers and images optional).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write.")
+@click.option(
+    "--method",
+    type=click.Choice(["distill", "lora", "full", "projector"]),
+    default="distill",
+    show_default=True,
+    help="What trains: distill every kept block; full the chosen blocks; lora adapters on them (merged at the end); "
+    "projector the multimodal projector only.",
+)
+@click.option("--steps", type=int, help="Optimizer steps [100 unless --token-budget].")
+@click.option("--token-budget", type=int, help="Stop after training on this many tokens (instead of --steps).")
+@click.option("--lr", type=float, help="Learning rate [distill 1e-5, full 5e-5, lora 1e-3, projector 1e-4].")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Samples per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--held-out", type=float, default=0.1, show_default=True, help="Share of the data kept apart for the KL and early stopping.")
+@click.option("--eval-every", type=int, help="Steps between held-out KL measurements [a tenth of the run].")
+@click.option("--patience", type=int, default=3, show_default=True, help="Measurements without improvement before stopping; 0 never.")
+@click.option(
+    "--hidden-loss",
+    type=click.Choice(["mse", "cosine", "none"]),
+    default="none",
+    show_default=True,
+    help="Also pull each kept block's output towards the output of the teacher block it was.",
+)
+@click.option("--hidden-weight", type=float, default=1.0, show_default=True)
+@click.option("--ce-weight", type=float, default=0.0, show_default=True, help="Add cross-entropy on the answers, this much.")
+@click.option("--blocks", callback=_int_list, help="Blocks full/lora train, original numbering, e.g. 3,4 [those beside each removed span].")
+@click.option("--lora-rank", type=int, default=8, show_default=True)
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option("--lora-modules", help="Comma-separated linear-layer names to adapt (e.g. q_proj,v_proj) [every linear layer].")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Token limit per sample.")
+@click.option(
+    "--format",
+    "text_format",
+    type=click.Choice(["auto", "chat", "raw"]),
+    default="auto",
+    show_default=True,
+    help="Sample layout: the chat template, or raw text; auto: raw when every sample is a prompt-only text.",
+)
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    help="Recompute activations in the backward pass: less memory, one more forward pass of the student per step.",
+)
+@click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between resume checkpoints.")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted run of the same command.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder written by compressor.")
+@_device_options
+@_trust_option
+@_outside_option
+@_verbosity
+def heal_command(
+    pruned: str,
+    teacher: str,
+    data: Path,
+    output: Path,
+    resume: bool,
+    overwrite: bool,
+    device: str,
+    trust_remote_code: bool,
+    allow_outside_data: bool,
+    lora_modules: str | None,
+    **kwargs: Any,
+) -> None:
+    """Train the pruned checkpoint PRUNED towards its original (--teacher) to recover what removing
+    blocks cost; write a plain, verified HF checkpoint of the pruned shape (LoRA merged)."""
+    from .heal import HealOptions, heal
+
+    _single_process("heal")
+    modules = tuple(m.strip() for m in lora_modules.split(",") if m.strip()) if lora_modules else None
+    options = HealOptions(**kwargs, lora_modules=modules)
+    result = heal(
+        pruned,
+        output,
+        teacher=teacher,
+        data=data,
+        options=options,
+        overwrite=overwrite,
+        device=device,
+        resume=resume,
+        progress=_progress(),
+        allow_outside_data=allow_outside_data,
+        trust_remote_code=trust_remote_code,
+    )
+    click.echo(result.describe())
 
 
 @cli.command("export-onnx")
@@ -858,10 +965,21 @@ def arch_group() -> None:
 def arch_list() -> None:
     """Show the supported families and what each supports."""
     from .architectures import ADAPTERS
+    from .block_limits import rule_notes
     from .versions import family_available, installed, requirement
 
     click.echo(f"transformers {installed('transformers') or 'not installed'}\n")
-    header = ("family", "architectures", "this transformers", "blocks at", "block count", "modality split", "out-of-core", "onnx", "per-layer config")
+    header = (
+        "family",
+        "architectures",
+        "this transformers",
+        "blocks at",
+        "block count",
+        "modality split",
+        "out-of-core",
+        "onnx",
+        "per-layer config",
+    )
     rows = [
         (
             a.family,
@@ -880,12 +998,7 @@ def arch_list() -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    notes = [f"  {a.family}: {note}" for a in ADAPTERS for note in a.notes]
-    notes += [
-        f"  {a.family}: the first len({a.fixed_leading_key}) blocks cannot be removed ({a.fixed_reason})"
-        for a in ADAPTERS
-        if a.fixed_leading_key
-    ]
+    notes = [f"  {a.family}: {note}" for a in ADAPTERS for note in (*a.notes, *rule_notes(a))]
     if notes:
         click.echo("\nnotes:\n" + "\n".join(notes))
 

@@ -6,15 +6,20 @@ read), so a corrupt or truncated file is reported by name instead of as a deep t
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
+import sys
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 from safetensors import safe_open
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.models.auto.processing_auto import processor_class_from_name
 from transformers.utils import is_torchvision_available
 
@@ -173,7 +178,17 @@ def load_processor(path: Path, adapter: Adapter, *, trust_remote_code: bool = Fa
         if adapter.multimodal:
             return with_pad_token(_assemble_processor(path, trust_remote_code), path)
         return with_pad_token(transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), path)
-    except (OSError, ValueError, TypeError, ImportError) as error:
+    except ImportError as error:
+        # A processor class or part that needs a missing package (torchvision, for some families in some
+        # transformers releases): saving the processor again would not help, installing would.
+        reason = " ".join(f"{error} {error.__cause__ or ''}".split())
+        other = ", or a transformers release whose processor for this family runs without it" if "torchvision" in reason.lower() else ""
+        raise InputError(
+            f"The {'processor' if adapter.multimodal else 'tokenizer'} in '{path}' cannot be loaded with transformers "
+            f"{transformers.__version__} ({reason}).",
+            fix=f"install the package it names{other}.",
+        ) from None
+    except (OSError, ValueError, TypeError) as error:
         raise InputError(
             f"No usable {'processor' if adapter.multimodal else 'tokenizer'} in '{path}' ({error}).",
             fix="save the processor/tokenizer next to the weights (processor.save_pretrained(folder)).",
@@ -206,15 +221,17 @@ def _assemble_processor(path: Path, trust_remote_code: bool) -> Any:
     ``AutoProcessor`` alone does not do: it passes one ``use_fast`` to every part, and the slow
     tokenizers that ``use_fast=False`` picks for Qwen2-VL and PaliGemma need vocabulary files
     that fast-only checkpoints lack; and it loads a video processor even for image-only use,
-    which needs torchvision (transformers#48558). Here image processors are the slow (PIL)
-    ones, tokenizers the fast ones, and without torchvision the video processor is a
-    placeholder that refuses videos. Anything else falls back to ``AutoProcessor``.
+    which needs torchvision (transformers#48558). Here image processors are the PIL ones (the
+    same pixels with or without torchvision; `PIL_BACKEND`), tokenizers the fast ones, and
+    without torchvision the video processor is a placeholder that refuses videos. Anything
+    else falls back to ``AutoProcessor``.
     """
     name = _saved_processor_class(path)
-    processor_class = processor_class_from_name(name) if name else None
+    processor_class = find_processor_class(name) if name else None
     code = {"trust_remote_code": trust_remote_code}
+    _export_misfiled_pil_classes()  # before AutoImageProcessor looks a PIL class up by name
     loaders = {
-        "image_processor": lambda: transformers.AutoImageProcessor.from_pretrained(path, use_fast=False, **code),
+        "image_processor": lambda: AutoImageProcessor.from_pretrained(path, **PIL_BACKEND, **code),
         "tokenizer": lambda: transformers.AutoTokenizer.from_pretrained(path, **code),
         # Audio-capable processors (Gemma 4) have one even when only images are used.
         "feature_extractor": lambda: transformers.AutoFeatureExtractor.from_pretrained(path, **code),
@@ -228,6 +245,107 @@ def _assemble_processor(path: Path, trust_remote_code: bool) -> Any:
     parts = [loaders[part]() for part in attributes]
     processor_dict, _ = processor_class.get_processor_dict(path)  # chat template, image_seq_len, ...
     return processor_class.from_args_and_dict(parts, processor_dict)
+
+
+# How to ask AutoImageProcessor for the PIL backend: transformers 5.x (5.17, 5.24) takes `backend="pil"`
+# and deprecates `use_fast` (a warning on every load); 4.57 knows only `use_fast=False`, and ignores a
+# `backend` (it then loads whichever class was saved, a fast one included). 5.x is told apart by its
+# image-processing backends module, which 4.57 lacks.
+PIL_BACKEND: dict[str, Any] = (
+    {"backend": "pil"} if importlib.util.find_spec("transformers.image_processing_backends") else {"use_fast": False}
+)
+
+
+def pil_image_processor_class(name: str) -> type:
+    """The PIL-backed image processor class of the family whose default class is ``name`` (e.g.
+    "Idefics3ImageProcessor"): ``<name>Pil`` in transformers 5.x, where ``<name>`` is the torchvision one,
+    and ``name`` itself in 4.x, where it is the PIL one."""
+    _export_misfiled_pil_classes()
+    pil = getattr(transformers, f"{name}Pil", None)
+    return pil if pil is not None else getattr(transformers, name)
+
+
+@cache
+def _export_misfiled_pil_classes() -> None:
+    """Make transformers 5.17 export, without torchvision, the classes that need none but that it files
+    as needing it.
+
+    5.17 decides what a module needs from its text: an ``image_processing_*`` file that merely mentions
+    ``TorchvisionBackend`` counts as torchvision-only. That files ``image_processing_auto`` (so
+    ``transformers.AutoImageProcessor``) and the PIL image processors whose docstrings name the
+    torchvision class they mirror (Idefics3, SmolVLM, Idefics2, Ovis2, …) as torchvision-only: without
+    torchvision they are placeholders that raise "requires the Torchvision library", though their modules
+    import and run without it, and AutoImageProcessor, looking a saved "Idefics3ImageProcessorPil" up on
+    the family's package, finds only the placeholder. 5.24 reads subclassing instead, and exports them.
+    Here each such name is imported from its own module and set on the lazy package that exports it,
+    which is what transformers does itself on the first access to a name it files correctly. Nothing
+    changes with torchvision installed, nor in a transformers without the misfiling (4.57, 5.24): there
+    no PIL class or AutoImageProcessor is a placeholder.
+    """
+    if is_torchvision_available():
+        return
+    missing = getattr(transformers, "_object_missing_backend", {})
+    modules = getattr(transformers, "_class_to_module", {})
+    for name, backends in list(missing.items()):
+        where = modules.get(name)
+        if list(backends) != ["torchvision"] or where is None:
+            continue
+        package, _, leaf = where.rpartition(".")
+        if not (leaf.startswith("image_processing_pil_") or leaf == "image_processing_auto"):
+            continue
+        try:
+            real = getattr(importlib.import_module(f"transformers.{where}"), name)
+        except (ImportError, AttributeError):
+            continue  # truly needs torchvision: its placeholder says so
+        # The top-level package and the family's own (`transformers.models.idefics3`, where
+        # AutoImageProcessor looks) each keep a lazy export table.
+        for lazy in (transformers, sys.modules.get(f"transformers.{package}")):
+            if lazy is not None and name in getattr(lazy, "_object_missing_backend", {}):
+                setattr(lazy, name, real)
+
+
+def find_processor_class(name: str) -> type | None:
+    """The processor class saved under ``name`` ("Gemma4Processor"), None for a name transformers lacks.
+
+    transformers 5.17's ``processing_gemma4`` (likewise Emu3's and Pixtral's) imports two torch-free
+    helpers, the image kwargs type and a size function, from the torchvision image processor's module, so
+    without torchvision the processor class cannot even be imported, though nothing it runs needs
+    torchvision; 5.24 defines the helpers in the processing module itself. The family's PIL module
+    (``image_processing_pil_gemma4``) defines the same helpers, so without torchvision that one import is
+    served from it: it stands in under the torchvision module's name only while the processing module is
+    imported. A processing module that needs more than the PIL module has still fails, and its error
+    names torchvision.
+    """
+    try:
+        return processor_class_from_name(name)
+    except ImportError:
+        where = getattr(transformers, "_class_to_module", {}).get(name)
+        if is_torchvision_available() or where is None or not _import_with_pil_helpers(where):
+            raise
+        return processor_class_from_name(name)
+
+
+def _import_with_pil_helpers(where: str) -> bool:
+    """Import ``transformers.<where>`` (a ``models.<family>.processing_<family>`` module) with the family's
+    PIL image-processing module standing in for the torchvision one (see `find_processor_class`);
+    False where the family has no PIL module or the stand-in does not do."""
+    package, _, leaf = where.rpartition(".")
+    family = leaf.removeprefix("processing_")
+    stand_in = f"transformers.{package}.image_processing_{family}"
+    if leaf == family or stand_in in sys.modules:
+        return False
+    try:
+        pil_module = importlib.import_module(f"transformers.{package}.image_processing_pil_{family}")
+    except ImportError:
+        return False
+    sys.modules[stand_in] = pil_module
+    try:
+        importlib.import_module(f"transformers.{where}")
+    except ImportError:
+        return False
+    finally:
+        del sys.modules[stand_in]
+    return True
 
 
 def _processor_parts(processor_class: type) -> list[str]:

@@ -42,6 +42,7 @@ PATH_PLACEHOLDERS = {
     "--output": "OUT",
     "--offload-folder": "OFFLOAD_DIR",
     "--model": "MODEL",
+    "--teacher": "BASE_MODEL",
     "--base": "BASE_MODEL",
     "--pruned": "PRUNED",
     "--report": "REPORT",

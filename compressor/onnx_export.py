@@ -263,10 +263,7 @@ def _export_text(
     _externalize_if_large(staging / TEXT_GRAPH, external_data_bytes)
     # The folder is self-contained: onnxruntime-genai reads genai_config.json and tokenizer.json
     # beside the graph; transformers users read config.json / generation_config.json.
-    processor.save_pretrained(staging)
-    model.config.save_pretrained(staging)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
+    _write_beside_graphs(staging, model, processor)
     (staging / GENAI_CONFIG).write_text(json.dumps(genai_config(model, adapter, spec), indent=2) + "\n")
     text = adapter.text_config(model.config)
     meta = {
@@ -369,10 +366,7 @@ def _export_split(
     for name in SPLIT_GRAPHS.values():
         _externalize_if_large(staging / name, external_data_bytes)
     # The folder is self-contained: the runner needs the processor and config beside the graphs.
-    processor.save_pretrained(staging)
-    model.config.save_pretrained(staging)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)  # eos / pad ids for the runner's callers
+    _write_beside_graphs(staging, model, processor)
     text = adapter.text_config(model.config)
     meta = {
         "decoder": {
@@ -436,6 +430,15 @@ def _decoder_args(model: Any, spec: DecoderSpec) -> tuple:
         args.append(torch.zeros(batch, seq, dtype=torch.int64))
     args += [torch.randn(batch, heads, past, head_dim) for _ in range(2 * spec.num_blocks)]
     return tuple(args)
+
+
+def _write_beside_graphs(staging: Path, model: Any, processor: Any) -> None:
+    """The processor, config and generation config beside the graphs: the folder is
+    self-contained (runners and onnxruntime-genai read the tokenizer and eos / pad ids there)."""
+    processor.save_pretrained(staging)
+    model.config.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
 
 
 def _externalize_if_large(path: Path, threshold: int) -> None:

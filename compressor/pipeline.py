@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .architectures import Adapter, adapter_for_config, blocks_of_folder
+from .block_limits import BlockLimits
 from .calibration_report import CalibrationReport
 from .card import facts_from_folder, render_card
 from .checkpoint import VERIFIED_OUT_OF_CORE, CheckpointResult, human_bytes, rewrite_checkpoint
@@ -56,6 +57,7 @@ class PruneResult:
     export: ExportResult | CheckpointResult | None  # None for a dry run
     calibration: CalibrationReport | None
     validation: Any = None  # a validate.ValidationResult when the run validated
+    healing: Any = None  # a heal.HealResult when the run's recipe has a heal: section
     onnx: OnnxExportResult | None = None  # the ONNX export in ``<checkpoint>/onnx`` when asked for
     checks: list[Check] = field(default_factory=list)  # how the checkpoint was verified (ONNX aside)
 
@@ -195,22 +197,32 @@ def declared_blocks(folder: Path, source: ModelSource) -> tuple[Adapter, int]:
     return adapter, adapter.num_blocks(config)
 
 
-def fixed_blocks_of_folder(folder: Path, source: ModelSource) -> dict[int, str]:
-    """`Adapter.fixed_blocks` of ``folder``'s config: from config.json as JSON when it can be
-    read so, else as transformers reads it."""
-    from .reindex import JsonConfig, load_config_json
+def block_limits_of_folder(folder: Path, source: ModelSource) -> BlockLimits:
+    """What the family forbids removing from the model in ``folder`` (`BlockLimits.of`): from
+    config.json as JSON when it can be read so, else as transformers reads it. Rules over layer
+    types need the file to state them (`reindex.read_config_json`): a `layer_types` left to the
+    config class's default is only known to transformers."""
+    from .reindex import JsonConfig, load_config_json, read_config_json
 
     raw = load_config_json(folder)
     if raw is not None:
         config: Any = JsonConfig(raw)
         try:
-            return adapter_for_config(config).fixed_blocks(config)
+            adapter = adapter_for_config(config)
+            by_type = adapter.kv_shared_key or adapter.last_layer_type or adapter.required_layer_type
+            if not by_type or read_config_json(folder, adapter) is not None:
+                return BlockLimits.of(adapter, config)
         except (AttributeError, TypeError, ValueError):
             pass
     from .loading import load_config
 
     config = load_config(folder, trust_remote_code=source.trust_remote_code)
-    return adapter_for_config(config).fixed_blocks(config)
+    return BlockLimits.of(adapter_for_config(config), config)
+
+
+def fixed_blocks_of_folder(folder: Path, source: ModelSource) -> dict[int, str]:
+    """`Adapter.fixed_blocks` of ``folder``'s config (`block_limits_of_folder`)."""
+    return dict(block_limits_of_folder(folder, source).fixed)
 
 
 def _written_checks(result: ExportResult | CheckpointResult) -> list[Check]:
@@ -469,6 +481,22 @@ def prune(
         )
 
 
+def _heal_options(recipe_file: RecipeFile, onnx: bool | None, dtype: str | None) -> Any:
+    """The recipe's heal: section as `heal.HealOptions` (checked now, before any work), or None."""
+    section = recipe_file.recipe.heal
+    if section is None:
+        return None
+    if onnx_tolerance(recipe_file, onnx) is not None:
+        raise InputError(
+            f"Recipe '{recipe_file.path.name}' heals the pruned checkpoint and asks for ONNX graphs, which `run` exports from "
+            "the pruned checkpoint before healing: they would not be the weights it ships.",
+            fix="drop onnx from export.formats (or --onnx), and run `compressor export-onnx OUT/hf` on the healed checkpoint.",
+        )
+    from .heal.options import HealOptions  # no torch: checked before the model loads
+
+    return HealOptions(**section.options(), dtype=dtype or "auto")
+
+
 def _spread(placement: Placement | None) -> bool:
     return placement is not None and placement.device_map is not None
 
@@ -533,7 +561,7 @@ def _prune_out_of_core(
     verify: str | None,
 ) -> PruneResult:
     adapter, num_blocks = declared_blocks(source.path, source)
-    fixed = fixed_blocks_of_folder(source.path, source)
+    limits = block_limits_of_folder(source.path, source)
     report, fixed_plan = inputs.report, inputs.plan
     if fixed_plan is None:
         assert recipe_file is not None  # guaranteed by _one_of
@@ -544,9 +572,9 @@ def _prune_out_of_core(
                 fix="run `compressor calibrate MODEL --data D -o calibration.json` first and pass "
                 "--calibration, or use an explicit recipe or a saved --plan.",
             )
-        fixed_plan = replace(plan(recipe_file.recipe, num_blocks, report, fixed), recipe_text=recipe_file.text)
+        fixed_plan = replace(plan(recipe_file.recipe, num_blocks, report, limits), recipe_text=recipe_file.text)
     fixed_plan.check_model(num_blocks, source.public_name)
-    fixed_plan.check_fixed(fixed)
+    fixed_plan.check_fixed(limits.fixed)
     if dry_run:
         return PruneResult(plan=fixed_plan, export=None, calibration=report)
     _refuse_empty(fixed_plan)
@@ -598,14 +626,14 @@ def _prune_loaded(
     verify: str | None = None,
 ) -> PruneResult:
     num_blocks = loaded.adapter.num_blocks(loaded.model.config)
-    fixed = loaded.adapter.fixed_blocks(loaded.model.config)
+    limits = BlockLimits.of(loaded.adapter, loaded.model.config)
     if fixed_plan is None:
         assert recipe_file is not None  # prune/run give a recipe or a plan
-        surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report, fixed), recipe_text=recipe_file.text)
+        surgery_plan = replace(plan(recipe_file.recipe, num_blocks, report, limits), recipe_text=recipe_file.text)
     else:
         surgery_plan = fixed_plan
     surgery_plan.check_model(num_blocks, loaded.source.public_name)
-    surgery_plan.check_fixed(fixed)
+    surgery_plan.check_fixed(limits.fixed)
     log.debug("%s", surgery_plan.describe())
     if dry_run:
         return PruneResult(plan=surgery_plan, export=None, calibration=report)
@@ -698,7 +726,11 @@ def run(
     ``out/hf/onnx/`` when the recipe's export formats or ``onnx`` ask for it), and
     ``out/report/`` when there is evaluation data (``eval_data`` or the recipe's
     ``validate.data``): the validation report, gated by the recipe's thresholds. ``verify``
-    checks ``out/hf`` as for `prune`.
+    checks the pruned checkpoint as for `prune`.
+
+    With a ``heal:`` section the pruned checkpoint goes to ``out/pruned/`` and is healed
+    (`heal.heal`, the original as teacher) into ``out/hf/``, which is what is validated; an
+    interrupted healing resumes from its checkpoint beside ``out`` when the run is started again.
     """
     model_ref = model_ref or recipe_file.recipe.model
     if model_ref is None:
@@ -712,10 +744,18 @@ def run(
     thresholds = recipe_file.recipe.thresholds
     if eval_data is None and thresholds is not None and thresholds.data:
         eval_data = recipe_file.resolve(thresholds.data)
-    check_output(out, overwrite=overwrite, sources=[Path(model_ref), data_path, eval_data, recipe_file.path])  # before a Hub download
+    heal_section = recipe_file.recipe.heal
+    heal_data = recipe_file.resolve(heal_section.data) if heal_section is not None else None
+    heal_options = _heal_options(recipe_file, onnx, dtype)
+    # Before a Hub download:
+    check_output(out, overwrite=overwrite, sources=[Path(model_ref), data_path, eval_data, heal_data, recipe_file.path])
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
-    with claimed(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]):
+    with claimed(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, heal_data, recipe_file.path]):
         inputs = read_inputs(data=data_path, calibration=None, plan_file=None, options=options, allow_outside_data=allow_outside_data)
+        if heal_data is not None:  # the training data is read and checked now, not after calibrating and pruning
+            from .data import load_samples
+
+            load_samples(heal_data, allow_outside=allow_outside_data)
         if eval_data is not None:  # checked now, not after calibrating and pruning: the data, and that it can evaluate every gate
             from .data import load_samples
             from .validate import TASKS, Gates, check_gates
@@ -724,14 +764,14 @@ def run(
             samples = load_samples(eval_data, limit=given.get("num_samples"), allow_outside=allow_outside_data)
             check_gates(Gates.from_thresholds(thresholds), samples, tasks=given.get("tasks", TASKS), latency=given.get("latency", True))
         loaded = _load(source, device, dtype, placement)
-        with staged_dir(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, recipe_file.path]) as staging:
+        with staged_dir(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, heal_data, recipe_file.path]) as staging:
             report = _obtain_report(loaded, recipe_file, inputs, options=options, progress=progress)
             if report is not None:
                 report.save(staging / "calibration.json")
             result = _prune_loaded(
                 loaded,
                 recipe_file,
-                staging / "hf",
+                staging / ("pruned" if heal_options is not None else "hf"),
                 report=report,
                 samples=inputs.samples,
                 overwrite=False,
@@ -741,8 +781,26 @@ def run(
             )
             result.plan.save(staging / "plan.json")
             (staging / "recipe.yaml").write_text(recipe_file.text)
+            if heal_options is not None:
+                from .heal import heal, resume_folder
+
+                loaded = None  # the pruned model in memory: healing loads student and teacher from their folders
+                result.healing = heal(
+                    staging / "pruned",
+                    staging / "hf",
+                    teacher=source,
+                    data=heal_data,
+                    options=heal_options,
+                    device=device,
+                    resume_dir=resume_folder(Path(out)),
+                    progress=progress,
+                    allow_outside_data=allow_outside_data,
+                )
         final = Path(out).resolve() / "hf"
-        result.export = replace(result.export, path=final)
+        written = final.parent / "pruned" if heal_options is not None else final
+        result.export = replace(result.export, path=written)
+        if result.healing is not None:
+            result.healing.path = final
         if result.onnx is not None:
             result.onnx = replace(result.onnx, path=final / "onnx")
         if eval_data is not None:

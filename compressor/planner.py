@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .block_limits import BlockLimits, Breach
 from .calibration_report import MODALITIES, CalibrationReport
 from .errors import InputError, PlanError, RecipeError
 from .inputs import read_json_object
@@ -261,25 +262,21 @@ def _fixed_blocks_text(indices: list[int], fixed: Mapping[int, str]) -> str:
     return "; ".join(parts) + ", which cannot be removed without changing the model"
 
 
-def report_fixed_blocks(report: CalibrationReport | None) -> dict[int, str]:
-    """The fixed blocks a calibration report recorded from its model's config (`model.fixed_blocks`)."""
-    found = report.model.get("fixed_blocks") if report is not None else None
-    if not isinstance(found, dict):
-        return {}
-    return {int(k): str(v) for k, v in found.items() if str(k).isdigit()}
-
-
-def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = None, fixed: Mapping[int, str] | None = None) -> SurgeryPlan:
-    """``fixed``: blocks the model's family cannot lose ({index: reason}, `Adapter.fixed_blocks`);
-    None takes those the calibration report recorded. Selections skip them and say so in the
-    notes; a recipe that lists one is refused."""
+def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = None, limits: BlockLimits | None = None) -> SurgeryPlan:
+    """``limits``: what the model's family forbids removing (`BlockLimits.of(adapter, config)`);
+    None takes what the calibration report recorded. Selections skip fixed blocks, and any block
+    whose removal would break a whole-removal rule (`BlockLimits.breach`), taking the next best
+    and saying why in the notes (the blocks kept so are listed as protected); a recipe that lists
+    blocks to remove is refused instead when one is fixed or the list breaks a rule."""
     select = recipe.select
-    fixed = {i: r for i, r in (report_fixed_blocks(report) if fixed is None else fixed).items() if 0 <= i < num_blocks}
     if report is not None and report.num_blocks != num_blocks:
         raise PlanError(
             f"The calibration report measured {report.num_blocks} blocks but the model has {num_blocks}.",
             fix="calibrate this model again (the report belongs to another model).",
         )
+    if limits is None:
+        limits = BlockLimits.from_report(report.model, num_blocks) if report is not None else BlockLimits()
+    fixed = {i: r for i, r in limits.fixed.items() if 0 <= i < num_blocks}
     if recipe.needs_calibration and report is None:
         raise PlanError(
             f"Recipe '{recipe.name}' selects by metric ({select.op}) and needs calibration.",
@@ -298,17 +295,18 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
     if fixed:
         protected |= set(fixed)
         notes.append(f"{_fixed_blocks_text(sorted(fixed), fixed)}: protected, never selected")
+    rules = _Rules(limits)
     if isinstance(select, Explicit):
         chosen, criterion = _explicit(select, num_blocks, protected, budget)
         reasons = dict.fromkeys(chosen, "listed in recipe")
     elif isinstance(select, Lowest):
-        chosen, criterion, reasons = _lowest(select, num_blocks, protected, budget, report, notes)
+        chosen, criterion, reasons = _lowest(select, num_blocks, protected, budget, report, notes, rules)
     elif isinstance(select, Conditions):
-        chosen, criterion, reasons = _conditions(select, protected, budget, report, notes)
+        chosen, criterion, reasons = _conditions(select, protected, budget, report, notes, rules)
     elif isinstance(select, Span):
-        chosen, criterion, reasons = _span(select, num_blocks, protected, budget, report)
+        chosen, criterion, reasons = _span(select, num_blocks, protected, budget, report, notes, rules)
     elif isinstance(select, Greedy):
-        chosen, criterion, reasons = _greedy(select, num_blocks, protected, budget, report, notes)
+        chosen, criterion, reasons = _greedy(select, num_blocks, protected, budget, report, notes, rules)
     else:  # pragma: no cover - the schema admits no other op
         raise PlanError(f"Unknown op {select.op}")
     if len(chosen) >= num_blocks:
@@ -316,6 +314,9 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
             f"Recipe '{recipe.name}' would remove all {num_blocks} blocks.",
             fix="keep at least one block: lower the count/fraction, or add select.protect.",
         )
+    if isinstance(select, Explicit):  # selections keep the rules themselves; a list is held to them
+        limits.check(chosen, "select.blocks")
+    notes += [f"block {i} kept by rule {b.rule}: removing it too, {b.problem}" for i, b in sorted(rules.held.items())]
     removed = tuple(RemovedBlock(index=i, reason=reasons[i], metrics=_block_metrics(report, select, i)) for i in sorted(chosen))
     calibration = None
     if report is not None:
@@ -325,11 +326,51 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
         op=select.op,
         num_blocks=num_blocks,
         removed=removed,
-        protected=tuple(sorted(protected)),
+        protected=tuple(sorted(protected | set(rules.held))),
         criterion=criterion,
         notes=tuple(notes),
         calibration=calibration,
     )
+
+
+@dataclass
+class _Rules:
+    """Takes blocks best first under the whole-removal rules (`BlockLimits.breach`), and
+    remembers each block a rule kept, with the rule (``held``), for the plan's notes."""
+
+    limits: BlockLimits
+    held: dict[int, Breach] = field(default_factory=dict)
+
+    def take(self, ranked: list[int], count: int) -> list[int]:
+        """Up to ``count`` of ``ranked`` (best first) whose removal together breaks no rule.
+
+        Rules are judged on the whole set, not per block (whether block 4 may go depends on
+        whether block 5 goes), so each step takes the best remaining block that keeps every rule
+        with those already taken, and a block passed over is tried again at the next step (the
+        last-layer-type rule can hold again once more blocks go)."""
+        chosen: list[int] = []
+        rest = list(ranked)
+        while len(chosen) < count:
+            for i in rest:
+                found = self.limits.breach([*chosen, i])
+                if found is None:
+                    chosen.append(i)
+                    rest.remove(i)
+                    self.held.pop(i, None)
+                    break
+                self.held[i] = found
+            else:
+                break  # every remaining block would break a rule
+        return chosen
+
+    def refusal(self, count: int, chosen: list[int], fix: str) -> PlanError:
+        """The refusal of a selection that cannot reach ``count`` blocks without breaking a rule."""
+        rules = sorted({b.rule for b in self.held.values()})
+        return PlanError(
+            f"The recipe asks for {count} blocks but only {len(chosen)} can go without breaking the family's rule(s) "
+            f"{', '.join(rules)}: " + "; ".join(f"block {i}: {b.problem}" for i, b in sorted(self.held.items())) + ".",
+            fix=f"{fix} to at most {len(chosen)}.",
+        )
 
 
 def _normalize(index: int, num_blocks: int, where: str) -> int:
@@ -403,7 +444,7 @@ def _label(metric: str, modality: str, epsilon: float | None = None, span: int |
     return f"{metric}{suffix}[{modality}]"
 
 
-def _lowest(select: Lowest, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str]):
+def _lowest(select: Lowest, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str], rules: _Rules):
     values = _values(report, select.metric, select.modality, epsilon=select.epsilon)
     count = select.count if select.count is not None else max(1, round(select.fraction * num_blocks))
     candidates = [i for i in range(num_blocks) if i not in protected and values[i] is not None]
@@ -415,13 +456,16 @@ def _lowest(select: Lowest, num_blocks: int, protected: set[int], budget: int, r
     if count > budget:
         notes.append(f"count {count} capped at the budget of {budget} block(s)")
         count = budget
-    ranked = sorted(candidates, key=lambda i: values[i])[:count]
+    ranked = sorted(candidates, key=lambda i: values[i])
+    chosen = rules.take(ranked, count)
+    if len(chosen) < count:
+        raise rules.refusal(count, chosen, "lower count/fraction")
     label = _label(select.metric, select.modality, select.epsilon)
-    reasons = {i: f"rank {r + 1} lowest {label} = {values[i]:.4f}" for r, i in enumerate(ranked)}
-    return ranked, f"lowest {count} by {label}", reasons
+    reasons = {i: f"rank {ranked.index(i) + 1} lowest {label} = {values[i]:.4f}" for i in chosen}
+    return chosen, f"lowest {count} by {label}", reasons
 
 
-def _conditions(select: Conditions, protected: set[int], budget: int, report: Any, notes: list[str]):
+def _conditions(select: Conditions, protected: set[int], budget: int, report: Any, notes: list[str], rules: _Rules):
     tables = [_values(report, c.metric, c.modality, epsilon=c.epsilon) for c in select.where]
     labels = [_label(c.metric, c.modality, c.epsilon) for c in select.where]
     qualified = [
@@ -430,10 +474,9 @@ def _conditions(select: Conditions, protected: set[int], budget: int, report: An
         if i not in protected and all(t[i] is not None and c.holds(t[i]) for c, t in zip(select.where, tables))
     ]
     # Over budget: keep the blocks that satisfy the first condition by the widest margin.
-    ranked = sorted(qualified, key=lambda i: tables[0][i])
-    if len(ranked) > budget:
-        notes.append(f"{len(ranked)} blocks qualify; kept the {budget} lowest by {labels[0]} (budget)")
-        ranked = ranked[:budget]
+    ranked = rules.take(sorted(qualified, key=lambda i: tables[0][i]), budget)
+    if len(qualified) > len(ranked) + len(rules.held):  # some block that qualifies was left to the budget
+        notes.append(f"{len(qualified)} blocks qualify; kept the {budget} lowest by {labels[0]} (budget)")
     if not qualified:
         notes.append("no block meets every condition")
     reasons = {
@@ -450,7 +493,7 @@ def _conditions(select: Conditions, protected: set[int], budget: int, report: An
     return ranked, criterion, reasons
 
 
-def _span(select: Span, num_blocks: int, protected: set[int], budget: int, report: Any):
+def _span(select: Span, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str], rules: _Rules):
     n = select.n
     if n > budget:
         raise PlanError(f"select.n = {n} exceeds the removal budget of {budget} block(s).", fix="lower n or raise the budget.")
@@ -461,14 +504,27 @@ def _span(select: Span, num_blocks: int, protected: set[int], budget: int, repor
             f"No run of {n} consecutive unprotected blocks exists.",
             fix="lower select.n or protect fewer blocks.",
         )
-    best = min(starts, key=lambda s: values[s])
+    # A span is removed whole, so a rule is judged on each span: one that breaks it is passed over.
+    breaches = {s: rules.limits.breach(range(s, s + n)) for s in starts}
+    allowed = [s for s in starts if breaches[s] is None]
+    if not allowed:
+        broken = sorted({b.rule for b in breaches.values() if b is not None})
+        raise PlanError(
+            f"Every run of {n} consecutive unprotected blocks breaks the family's rule(s) {', '.join(broken)}: "
+            + "; ".join(f"blocks {s}..{s + n - 1}: {b.problem}" for s, b in breaches.items() if b is not None)
+            + ".",
+            fix="lower select.n, or protect fewer blocks so that another run can go.",
+        )
+    best = min(allowed, key=lambda s: values[s])
     label = _label("angular_distance", select.modality, span=n)
-    reason = f"span {best}..{best + n - 1}: {label} = {values[best]:.4f} (smallest of {len(starts)})"
+    for s in sorted(s for s in starts if breaches[s] is not None and values[s] < values[best]):
+        notes.append(f"span {s}..{s + n - 1} ({label} = {values[s]:.4f}) passed over by rule {breaches[s].rule}: {breaches[s].problem}")
+    reason = f"span {best}..{best + n - 1}: {label} = {values[best]:.4f} (smallest of {len(allowed)})"
     chosen = list(range(best, best + n))
     return chosen, f"span of {n} with smallest {label}", dict.fromkeys(chosen, reason)
 
 
-def _greedy(select: Greedy, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str]):
+def _greedy(select: Greedy, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str], rules: _Rules):
     order = report.greedy_order
     if not order:
         raise PlanError(
@@ -490,8 +546,12 @@ def _greedy(select: Greedy, num_blocks: int, protected: set[int], budget: int, r
             + ".",
             fix=f"calibrate with --greedy {count + len(order) - len(usable)} or more, or lower select.count.",
         )
+    # Calibration measured each step with the earlier picks gone, rules or not; a pick that breaks
+    # a rule is passed over like a protected block (the notes say so), the next one taken.
+    chosen = rules.take(usable, count)
+    if len(chosen) < count:
+        raise rules.refusal(count, chosen, f"calibrate with --greedy {count + len(rules.held)} or more, or lower select.count")
     steps = {step["block"]: step for step in report.metrics["greedy"]["steps"]}
-    chosen = usable[:count]
     reasons = {i: f"greedy step {order.index(i) + 1}: loss with it removed {steps[i]['loss']:.4f}" for i in chosen}
     return chosen, f"first {count} of the greedy order {order}", reasons
 

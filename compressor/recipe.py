@@ -185,6 +185,47 @@ class ExportOptions(_Strict):
         return "onnx" in self.formats
 
 
+class HealSection(_Strict):
+    """`compressor run` heals the pruned checkpoint (`compressor.heal`) before validating it: the
+    run's ``hf/`` is then the healed checkpoint, ``pruned/`` the one before healing. The fields
+    are `compressor heal`'s options (its defaults where left out)."""
+
+    data: str = Field(description="training JSONL, relative to the recipe")
+    method: Literal["distill", "lora", "full", "projector"] = "distill"
+    steps: int | None = Field(None, ge=1)
+    token_budget: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0, description="YAML reads 1e-4 as text: write 1.0e-4")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    held_out: float = Field(0.1, ge=0, lt=1)
+    eval_every: int | None = Field(None, ge=1)
+    patience: int = Field(3, ge=0)
+    hidden_loss: Literal["mse", "cosine", "none"] = "none"
+    hidden_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)
+    blocks: list[int] | None = Field(None, description="blocks full/lora train, original numbering")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_modules: list[str] | None = None
+    max_length: int | None = Field(512, ge=8)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1, description="steps between resume checkpoints")
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> Any:
+        if self.steps is not None and self.token_budget is not None:
+            raise ValueError("'steps' and 'token_budget' both say when healing stops: give one")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The section as `heal.HealOptions` keywords (the data aside)."""
+        given = self.model_dump(exclude={"data"})
+        for key in ("blocks", "lora_modules"):
+            given[key] = tuple(given[key]) if given[key] is not None else None
+        return given
+
+
 class Recipe(_Strict):
     version: Literal[1]
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=96)
@@ -194,6 +235,7 @@ class Recipe(_Strict):
     select: Selection
     thresholds: ValidateThresholds | None = Field(None, alias="validate")
     export: ExportOptions = ExportOptions()
+    heal: HealSection | None = None
 
     @property
     def needs_calibration(self) -> bool:

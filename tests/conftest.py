@@ -24,14 +24,12 @@ from transformers import (  # noqa: E402
     CLIPVisionConfig,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
-    Gemma3ImageProcessor,
     Gemma3Processor,
     Gemma3TextConfig,
     GemmaConfig,
     GemmaTokenizerFast,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessor,
     Idefics3Processor,
     Idefics3VisionConfig,
     LlamaConfig,
@@ -51,12 +49,10 @@ from transformers import (  # noqa: E402
     Qwen2TokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
-    SiglipImageProcessor,
     SiglipVisionConfig,
 )
 from transformers.utils import is_torchvision_available  # noqa: E402
@@ -65,8 +61,11 @@ from transformers.utils import is_torchvision_available  # noqa: E402
 # threads' spin-waiting made each forward pass several times slower.
 torch.set_num_threads(1)
 
+# Image processors are built as `pil_image_processor_class` gives them, the PIL ones, which the loader picks
+# too (compressor.loading.PIL_BACKEND), so a saved processor reloads as the same class: in transformers 5.x
+# the family's plain class name (Idefics3ImageProcessor) is the torchvision one, a placeholder without it.
 from compressor.demo.processor import CHAT_TEMPLATE, IMAGE, build_llava_processor, build_tokenizer  # noqa: E402
-from compressor.loading import video_processor_placeholder  # noqa: E402
+from compressor.loading import find_processor_class, pil_image_processor_class, video_processor_placeholder  # noqa: E402
 
 WORDS = "what color shape is the how many red blue green circle square one two three describe count to".split()
 FAMILIES = (
@@ -216,7 +215,9 @@ def _qwen_vl(family: str, layers: int, deepstack: int = 1):
         "qwen", Qwen2TokenizerFast, special_tokens=QWEN_SPECIAL, chat_template=CHAT_TEMPLATE.replace(IMAGE, QWEN_IMAGE)
     )
     # min_pixels = max_pixels fixes every image at 24x24: a 6x6 grid of 4x4 patches, 9 tokens.
-    image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=24 * 24, max_pixels=24 * 24)
+    image_processor = pil_image_processor_class("Qwen2VLImageProcessor")(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=24 * 24, max_pixels=24 * 24
+    )
     if is_torchvision_available():
         from transformers import Qwen2VLVideoProcessor
 
@@ -319,7 +320,9 @@ def _qwen3_5(family: str, tokenizer, text: dict, vision: dict, token_ids: dict):
 def _idefics3(layers: int):
     tokenizer = build_tokenizer(WORDS, special_tokens=IDEFICS3_SPECIAL)
     # Images are resized to 32 and split into 16x16 crops (2x2) plus a global 16x16 image.
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 16}, do_image_splitting=True)
+    image_processor = pil_image_processor_class("Idefics3ImageProcessor")(
+        size={"longest_edge": 32}, max_image_size={"longest_edge": 16}, do_image_splitting=True
+    )
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
     )
@@ -338,7 +341,7 @@ def _idefics3(layers: int):
 def _paligemma(layers: int):
     # PaliGemma has no chat template: "<image>"*16 <bos> prompt "\n", the answer as a suffix.
     tokenizer = _bpe_tokenizer("gemma", GemmaTokenizerFast, chat_template=None)
-    image_processor = SiglipImageProcessor(size={"height": 16, "width": 16}, image_seq_length=16)
+    image_processor = pil_image_processor_class("SiglipImageProcessor")(size={"height": 16, "width": 16}, image_seq_length=16)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc…>/<seg…> tokens
     # Untied head, unlike real checkpoints: a tied random Gemma just repeats one token when
     # decoding greedily, which would leave the cached-generation test nothing to compare.
@@ -359,7 +362,7 @@ def _gemma3(layers: int):
     tokenizer = build_tokenizer(
         WORDS, extra_special_tokens=GEMMA3_SPECIAL, chat_template=CHAT_TEMPLATE.replace(IMAGE, GEMMA3_SPECIAL["boi_token"])
     )
-    image_processor = Gemma3ImageProcessor(size={"height": 16, "width": 16})
+    image_processor = pil_image_processor_class("Gemma3ImageProcessor")(size={"height": 16, "width": 16})
     processor = Gemma3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=tokenizer.chat_template
     )
@@ -386,23 +389,19 @@ def _gemma4(family: str, layers: int):
     """Gemma 4 (transformers 5 only): layer_types S S S S F F (no rule fixes a block, so the shared
     tests' removals all apply; tests/test_gemma4.py covers the KV-shared layouts), per-layer
     embeddings of width 4, full-attention blocks with their own head_dim (`per_layer_config`)."""
-    from transformers import (
-        Gemma4AudioFeatureExtractor,
-        Gemma4Config,
-        Gemma4ForCausalLM,
-        Gemma4ForConditionalGeneration,
-        Gemma4ImageProcessorPil,
-        Gemma4Processor,
-        Gemma4TextConfig,
-    )
+    from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
     template = CHAT_TEMPLATE.replace(IMAGE, GEMMA4_SPECIAL["image_token"])
     tokenizer = build_tokenizer(WORDS, extra_special_tokens=GEMMA4_SPECIAL, chat_template=template)
     processor = tokenizer
     if family == "gemma4":  # the processor adds its video token to the tokenizer: before the vocabulary is sized
-        processor = Gemma4Processor(
+        from transformers import Gemma4AudioFeatureExtractor
+
+        # Through compressor's lookup, as the loader finds it: transformers 5.17's Gemma4Processor cannot
+        # be imported without torchvision otherwise (see `find_processor_class`).
+        processor = find_processor_class("Gemma4Processor")(
             feature_extractor=Gemma4AudioFeatureExtractor(),
-            image_processor=Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70),
+            image_processor=pil_image_processor_class("Gemma4ImageProcessor")(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70),
             tokenizer=tokenizer,
             video_processor=video_processor_placeholder(),
             chat_template=template,

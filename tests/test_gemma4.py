@@ -173,7 +173,9 @@ def test_pruned_model_is_what_its_config_builds_and_reloads_clean(models, kind, 
     # Plain values the decoder's __init__ derived from the config (first_kv_shared_layer_idx...).
     derived = lambda m: {k: v for k, v in vars(decoder_of(m, adapter)).items() if isinstance(v, (bool, int, float, str))}  # noqa: E731
     assert derived(pruned) == derived(fresh)
-    assert derived(pruned)["first_kv_shared_layer_idx"] == 3
+    # The first KV-shared block is now 3. Asked of each attention (its `is_kv_shared_layer`): transformers
+    # 5.24 also keeps the index on the decoder (`first_kv_shared_layer_idx`), 5.17 computes it per layer.
+    assert [block.self_attn.is_kv_shared_layer for block in decoder_of(pruned, adapter).layers] == [False, False, False, True]
 
     pruned.save_pretrained(tmp_path)
     reloaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True)

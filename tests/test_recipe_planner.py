@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from compressor.block_limits import BlockLimits
 from compressor.calibrate import REPORT_FORMAT, CalibrationReport
 from compressor.errors import PlanError, RecipeError
 from compressor.planner import SurgeryPlan, plan
@@ -158,14 +159,14 @@ def test_bad_recipes(text, expected):
     assert expected in str(error.value)
 
 
-FIXED = {0: "DeepStack (test)", 1: "DeepStack (test)"}  # as `Adapter.fixed_blocks` gives them
+FIXED = BlockLimits(fixed={0: "DeepStack (test)", 1: "DeepStack (test)"})  # as `BlockLimits.of` gives them
 
 
 def test_fixed_blocks_are_refused_when_listed_and_skipped_by_selections():
     # Listed: refused, naming the block and the reason.
     with pytest.raises(PlanError, match=r"block 1 \(DeepStack \(test\)\), which cannot be removed"):
-        plan(recipe("{op: explicit, blocks: [1, 4]}"), 8, fixed=FIXED)
-    assert plan(recipe("{op: explicit, blocks: [2, 4]}"), 8, fixed=FIXED).removed_indices == [2, 4]
+        plan(recipe("{op: explicit, blocks: [1, 4]}"), 8, limits=FIXED)
+    assert plan(recipe("{op: explicit, blocks: [2, 4]}"), 8, limits=FIXED).removed_indices == [2, 4]
     # Selections skip them like protected blocks, and say so in the notes.
     values = {"block_influence": [0.0, 0.01, 0.5, 0.3, 0.2, 0.6, 0.7, 0.8]}
     r = report(values, {1: [0.0, 0.0, 0.5, 0.3, 0.2, 0.6, 0.7, 0.8], 2: [0.0, 0.1, 0.9, 0.4, 0.5, 0.8, 0.9]})
@@ -176,7 +177,7 @@ def test_fixed_blocks_are_refused_when_listed_and_skipped_by_selections():
         ("{op: span, n: 2}", [3, 4]),
         ("{op: greedy, count: 2}", [3, 4]),
     ]:
-        result = plan(recipe(select), 8, r, fixed=FIXED)
+        result = plan(recipe(select), 8, r, limits=FIXED)
         assert result.removed_indices == expected, select
         assert {0, 1} <= set(result.protected)
         assert any("blocks 0, 1 (DeepStack (test))" in note and "never selected" in note for note in result.notes), result.notes
@@ -186,4 +187,4 @@ def test_fixed_blocks_are_refused_when_listed_and_skipped_by_selections():
     # A plan that removes one (e.g. a saved plan) is refused when checked against the model.
     made = plan(recipe("{op: explicit, blocks: [0]}"), 8)
     with pytest.raises(PlanError, match=r"removes block 0 \(DeepStack \(test\)\)"):
-        made.check_fixed(FIXED)
+        made.check_fixed(FIXED.fixed)

@@ -148,3 +148,44 @@ def test_every_processor_loads_in_a_fresh_process(tiny_models):
     done = subprocess.run([sys.executable, "-c", probe, json.dumps(folders)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(line.split()[1] for line in done.stdout.splitlines() if line.startswith("LOADED")) == families
+
+
+def test_image_processors_are_the_pil_ones(tiny_models):
+    """The loader asks every transformers for the PIL image processors (`PIL_BACKEND`: ``backend="pil"`` in
+    5.x, ``use_fast=False`` in 4.57), torchvision installed or not: the same pixels on every machine."""
+    from compressor.architectures import blocks_of_folder
+    from compressor.loading import load_processor
+
+    from .conftest import MULTIMODAL, missing_reason
+
+    try:
+        from transformers.image_processing_backends import PilBackend  # 5.x
+
+        is_pil = lambda processor: isinstance(processor, PilBackend)  # noqa: E731
+    except ImportError:  # 4.x: the slow classes are the PIL ones
+        from transformers.image_processing_utils_fast import BaseImageProcessorFast
+
+        is_pil = lambda processor: not isinstance(processor, BaseImageProcessorFast)  # noqa: E731
+    for family in sorted(f for f in MULTIMODAL if missing_reason(f) is None):
+        path = tiny_models[family].path
+        image_processor = load_processor(path, blocks_of_folder(path)[0]).image_processor
+        assert is_pil(image_processor), (family, type(image_processor))
+
+
+def test_a_processor_that_needs_a_missing_package_says_which(tiny_models, monkeypatch):
+    """A processor class that cannot be imported (transformers 5.17's Gemma 4 processor needed torchvision
+    until compressor served its import) is refused naming the package, not with "save the processor"."""
+    from compressor import loading
+    from compressor.architectures import blocks_of_folder
+    from compressor.errors import InputError
+
+    def needs_torchvision(name):
+        raise ModuleNotFoundError(f"Could not import module '{name}'") from ModuleNotFoundError("No module named 'torchvision'")
+
+    monkeypatch.setattr(loading, "find_processor_class", needs_torchvision)
+    path = tiny_models["qwen2_vl"].path
+    with pytest.raises(InputError) as raised:
+        loading.load_processor(path, blocks_of_folder(path)[0])
+    message = str(raised.value)
+    assert "Could not import module 'Qwen2VLProcessor'" in message and "No module named 'torchvision'" in message
+    assert "install the package it names, or a transformers release" in message and "save_pretrained" not in message

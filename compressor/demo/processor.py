@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)
@@ -82,7 +82,11 @@ def build_tokenizer(
 
 def build_llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int) -> LlavaProcessor:
     """A LlavaProcessor whose image size and patch size match a small CLIP vision tower."""
-    image_processor = CLIPImageProcessor(
+    # The PIL class, the one the loader reloads (in transformers 5.x `CLIPImageProcessor` is the torchvision
+    # one, and without torchvision transformers swaps in the PIL one with a warning).
+    from ..loading import pil_image_processor_class
+
+    image_processor = pil_image_processor_class("CLIPImageProcessor")(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
