@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-457 test-517 test-slow demo bench bench-scale bench-quality bench-gpu lint clean
+.PHONY: install test test-457 test-517 test-slow demo bench bench-scale bench-quality bench-heal bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -67,6 +67,13 @@ bench-scale: install
 # Trains two demo models on first use (cached), then ~10 minutes of evaluations on 2 cores.
 bench-quality: install
 	$(BIN)/python -m compressor.bench_quality
+
+# Heals the demo models pruned by 1…L/2 blocks with every heal method (a tenth of the demo's training
+# steps each) and scores them: ~2.5 min per task on 2 cores with COMPRESSOR_THREADS=1 (on a busy machine
+# two threads were 15-50x slower), after training any demo model not cached (about 4 and 15-25 min).
+# `make bench-heal ARGS="--tasks shapes"`; ARGS=--smoke (k=1, 2 steps per method) checks that it runs.
+bench-heal: install
+	$(BIN)/python -m compressor.bench_heal $(ARGS)
 
 # GPU figures in one table, < 8 min on one H200 (a random Qwen3-VL-8B in bf16): no venv and no install,
 # the GPU machine's own python3 and CUDA torch; pydantic travels as wheels (compressor/bench_gpu.py).

@@ -50,6 +50,7 @@ class CardFacts:
     report: dict[str, Any] | None = None
     report_path: str | None = None  # where the full report sits in the pushed repo
     healing: dict[str, Any] | None = None  # the manifest's record of `compressor heal`, when it trained the weights
+    replacement: dict[str, Any] | None = None  # the manifest's record of op replace: a span stood in for by a trained block
 
     @property
     def pipeline_tag(self) -> str:
@@ -82,6 +83,7 @@ def facts_from_folder(folder: Path, *, name: str, report: dict[str, Any] | None 
         report=report,
         report_path=report_path,
         healing=manifest.get("healing"),
+        replacement=manifest.get("replacement"),
     )
 
 
@@ -98,9 +100,16 @@ def front_matter(facts: CardFacts, *, license: str | None = None) -> str:
         "library_name": "transformers",
         "license": license or facts.source.get("license") or None,
         "pipeline_tag": facts.pipeline_tag,
-        "tags": ["pruned", "depth-pruning", "compressor", facts.family, *(["healed", "distillation"] if facts.healing else [])],
-        # Healed weights were trained: the Hub's relation for a trained derivative.
-        "base_model_relation": ("finetune" if facts.healing else BASE_MODEL_RELATION) if hub_id else None,
+        "tags": [
+            "pruned",
+            "depth-pruning",
+            "compressor",
+            facts.family,
+            *(["healed", "distillation"] if facts.healing else []),
+            *(["layer-replacement"] if facts.replacement else []),
+        ],
+        # Healed weights, or a replaced span's block, were trained: the Hub's relation for a trained derivative.
+        "base_model_relation": ("finetune" if facts.healing or facts.replacement else BASE_MODEL_RELATION) if hub_id else None,
     }
     results = eval_results(facts)
     if results:
@@ -150,6 +159,9 @@ def render_card(facts: CardFacts, *, license: str | None = None, repo_id: str | 
         + (
             "The pruned model was then healed: trained to match the base model's outputs (see Healing below)."
             if facts.healing
+            else "One block was trained to stand in for a span of blocks (see Replaced span below); the other weights are the "
+            "base model's own, unchanged."
+            if facts.replacement
             else "The remaining weights are the base model's own, unchanged and not retrained."
         ),
         "",
@@ -168,6 +180,7 @@ def render_card(facts: CardFacts, *, license: str | None = None, repo_id: str | 
         "",
         f"Kept blocks (original numbering): {plan.kept}.",
         "",
+        *_replacement(facts),
         *_healing(facts),
         *_evaluation(facts),
         *_usage(facts, repo_id),
@@ -186,6 +199,31 @@ def render_card(facts: CardFacts, *, license: str | None = None, repo_id: str | 
         "",
     ]
     return "\n".join(lines)
+
+
+def _replacement(facts: CardFacts) -> list[str]:
+    """What op replace trained, and how well the stand-in maps its span (measured on held-out samples)."""
+    r = facts.replacement
+    if not r:
+        return []
+    span, options = r.get("span") or [], r.get("options") or {}
+    lines = [
+        "## Replaced span",
+        "",
+        f"- Blocks {span[0]}..{span[-1]} (original numbering) were replaced by ONE block of the same architecture, "
+        f"initialised from block {r.get('initialised_from')} and trained to map the hidden state entering block {span[0]} "
+        f"to the one leaving block {span[-1]} (LLM-Streamline). The export was verified by reload against the in-memory model, "
+        "not against the original with blocks skipped: the trained block computes something else by design.",
+        f"- Objective: {r.get('objective')}; {options.get('steps')} steps, learning rate {options.get('lr')}, batch "
+        f"{options.get('batch_size')}, seed {options.get('seed')}; {r.get('train_samples')} training and "
+        f"{r.get('held_out_samples')} held-out calibration samples.",
+    ]
+    for key, values in (r.get("held_out") or {}).items():
+        lines.append(f"- Held-out {key} per token (the untrained copy = the plain removal of blocks {span[0]}..{span[-2]}): "
+                     f"{values['before']:.4g} before training, {values['after']:.4g} after.")  # fmt: skip
+    if r.get("improved") is False:
+        lines.append("- Training did not lower the held-out loss: the block keeps its initial (copied) weights.")
+    return [*lines, ""]
 
 
 def _healing(facts: CardFacts) -> list[str]:

@@ -592,6 +592,8 @@ def _report_prune(result: Any) -> None:
         )
     else:
         click.echo(f"wrote {e.path}")
+    if getattr(result, "replacement", None) is not None:
+        click.echo(result.replacement.describe())
     for check in result.checks:
         if check.check == "skip-equivalence":
             click.echo(
@@ -678,6 +680,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between resume checkpoints.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted run of the same command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder written by compressor.")
+@click.option("--fsdp", is_flag=True, help="Shard the student over the GPUs (FSDP): not built; refused with what to do instead.")
 @_device_options
 @_trust_option
 @_outside_option
@@ -693,15 +696,30 @@ def heal_command(
     trust_remote_code: bool,
     allow_outside_data: bool,
     lora_modules: str | None,
+    fsdp: bool,
     **kwargs: Any,
 ) -> None:
     """Train the pruned checkpoint PRUNED towards its original (--teacher) to recover what removing
-    blocks cost; write a plain, verified HF checkpoint of the pruned shape (LoRA merged)."""
+    blocks cost; write a plain, verified HF checkpoint of the pruned shape (LoRA merged).
+
+    Under torchrun / accelerate launch, each process trains on its slice of every step's samples
+    on its own GPU (--batch-size samples per process and micro-batch), the gradients are summed,
+    and rank 0 writes the resume checkpoints and the output."""
+    from . import distributed
     from .heal import HealOptions, heal
 
-    _single_process("heal")
+    if fsdp:
+        raise InputError(
+            "--fsdp (sharding a student too big for one GPU over several) is not built: data-parallel healing keeps a whole "
+            "student and teacher on every GPU.",
+            fix="heal on one GPU that holds both models (--gradient-checkpointing, a smaller --batch-size and --max-length "
+            "save memory, --method lora trains the least), or under torchrun with one whole copy per GPU.",
+        )
     modules = tuple(m.strip() for m in lora_modules.split(",") if m.strip()) if lora_modules else None
     options = HealOptions(**kwargs, lora_modules=modules)
+    group = distributed.current()
+    if not group.is_main:  # one voice: rank 0 reports for all
+        logging.getLogger("compressor").setLevel(logging.WARNING)
     result = heal(
         pruned,
         output,
@@ -714,8 +732,12 @@ def heal_command(
         progress=_progress(),
         allow_outside_data=allow_outside_data,
         trust_remote_code=trust_remote_code,
+        group=group,
     )
-    click.echo(result.describe())
+    if group.is_main:
+        processes = f"\ntrained by {group.world_size} data-parallel processes" if group.distributed else ""
+        click.echo(result.describe() + processes)
+    distributed.finish(group)
 
 
 @cli.command("export-onnx")

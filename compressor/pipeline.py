@@ -13,6 +13,12 @@ core, the original is loaded from the source folder and then the pruned one from
 folder, one at a time on CPU, when the larger fits in free RAM (`proof_memory`); otherwise only
 the written headers are checked, and the manifest and the log say so.
 
+A replace plan (op replace, `heal.replace`) trains the block that stands in for its span on the
+calibration samples, on the loaded original before surgery, and installs it after; its checkpoint
+is verified by reload against the in-memory model (the skip-equivalence proof cannot hold for a
+trained block: ``--verify skip-equivalence`` is refused), and the manifest and card state how well
+the block maps the span. It needs the model in memory: out of core it is refused.
+
 `prune_out_of_core` with ``verify="none"`` never builds a model, so it must not pay for torch
 and transformers (seconds, before a copy that takes less): the modules that import them are
 imported inside the functions that load a model (and of ONNX export), never at the top of this module.
@@ -37,7 +43,19 @@ from .hub import ModelSource, resolve_model_ref
 from .manifest import VERIFY_MODES, Check, write_manifest
 from .planner import SurgeryPlan, plan
 from .provenance import environment, source_facts
-from .recipe import FUNCTIONAL_METRICS, Conditions, ExportOptions, Greedy, Lowest, Recipe, RecipeFile, Span, load_recipe
+from .recipe import (
+    FUNCTIONAL_METRICS,
+    Conditions,
+    ExportOptions,
+    Greedy,
+    Lowest,
+    Recipe,
+    RecipeFile,
+    Replace,
+    Span,
+    load_recipe,
+    parse_recipe,
+)
 from .staging import check_output, output_lock, staged_dir
 
 if TYPE_CHECKING:  # these import torch (and transformers): see the module docstring
@@ -60,6 +78,7 @@ class PruneResult:
     healing: Any = None  # a heal.HealResult when the run's recipe has a heal: section
     onnx: OnnxExportResult | None = None  # the ONNX export in ``<checkpoint>/onnx`` when asked for
     checks: list[Check] = field(default_factory=list)  # how the checkpoint was verified (ONNX aside)
+    replacement: Any = None  # a heal.replace.ReplaceResult when the plan replaced a span by a trained block
 
 
 # A model loaded on CPU takes about its safetensors size; the factor and the slack cover what
@@ -137,6 +156,7 @@ def write_checkpoint(
     plan: SurgeryPlan,
     prove: Callable[[Path], Check] | None = None,
     unverified: Check | None = None,
+    extra_facts: dict[str, Any] | None = None,
 ) -> tuple[Any, OnnxExportResult | None, list[Check]]:
     """Run ``write(folder, overwrite)`` (an HF export), then ``prove(folder)`` when given (the
     check of a checkpoint written out of core: `folder_proof`; ``unverified`` says why there is
@@ -164,6 +184,7 @@ def write_checkpoint(
             "multimodal": adapter.multimodal,
             "blocks": {"before": plan.num_blocks, "after": len(plan.kept), "removed": plan.removed_indices},
             "params": {"before": result.params_before, "after": result.params_after},
+            **(extra_facts or {}),
         }
         # The out-of-core writer hashed its weight files as it wrote them: they are not read again.
         hashed = result.file_hashes if isinstance(result, CheckpointResult) else None
@@ -278,7 +299,7 @@ def calibration_options(recipe: Recipe | None, **overrides: Any) -> CalibrationO
         options = replace(options, epsilons=options.epsilons + extra)
         for ref in refs:  # a functional metric the selection reads is measured
             options = replace(options, **{FUNCTIONAL_METRICS[ref.metric]: True}) if ref.metric in FUNCTIONAL_METRICS else options
-        if isinstance(select, Span) and select.n > options.max_span:
+        if isinstance(select, (Span, Replace)) and select.n > options.max_span:
             options = replace(options, max_span=select.n)
         if isinstance(select, Greedy):
             # Measure as many greedy steps as the selection takes, searching only the blocks it
@@ -578,6 +599,7 @@ def _prune_out_of_core(
     if dry_run:
         return PruneResult(plan=fixed_plan, export=None, calibration=report)
     _refuse_empty(fixed_plan)
+    _refuse_replace_out_of_core(fixed_plan)
     mode, unverified = out_of_core_verify(verify, source)
     result, graphs, checks = write_checkpoint(
         lambda folder, replace_existing: rewrite_checkpoint(
@@ -601,6 +623,47 @@ def _prune_out_of_core(
         unverified=unverified,
     )
     return PruneResult(plan=fixed_plan, export=result, calibration=report, onnx=graphs, checks=checks)
+
+
+def _refuse_replace_out_of_core(surgery_plan: SurgeryPlan) -> None:
+    if surgery_plan.replaced:
+        raise PlanError(
+            f"Recipe '{surgery_plan.recipe}' replaces a span by a trained block (op replace); training needs the model in "
+            "memory, and out-of-core surgery (--out-of-core, or a device map) only rewrites the source files.",
+            fix="prune in memory (drop --out-of-core / --device-map), or use op span to remove the span without training.",
+        )
+
+
+def _replace_verify(surgery_plan: SurgeryPlan, verify: str | None) -> str | None:
+    """The check a replace plan's checkpoint gets: the skip-equivalence proof cannot hold (the
+    stand-in computes what the span did, not the identity), so the reload against the in-memory
+    model, which the manifest states together with how well the stand-in maps the span."""
+    if not surgery_plan.replaced:
+        return verify
+    if verify == "skip-equivalence":
+        raise InputError(
+            "--verify skip-equivalence compares the checkpoint with the original run with the removed blocks skipped, and this "
+            "plan replaces a span by a trained block, which computes something else by design.",
+            fix="pass --verify reload (the default for op replace) or none.",
+        )
+    return verify or "reload"
+
+
+def _replace_options(surgery_plan: SurgeryPlan, recipe_file: RecipeFile | None) -> Any:
+    """The training knobs of a replace plan: its recipe's ``select.train``, from the recipe given or
+    the one the plan carries."""
+    from .heal.replace import ReplaceOptions
+
+    select = recipe_file.recipe.select if recipe_file is not None else None
+    if select is None and surgery_plan.recipe_text is not None:
+        select = parse_recipe(surgery_plan.recipe_text, "plan.json recipe_text").select
+    if not isinstance(select, Replace):
+        raise PlanError(
+            f"The plan (recipe '{surgery_plan.recipe}') replaces blocks {list(surgery_plan.replaced[0].span)} by a trained block, "
+            "but carries no replace recipe to say how to train it.",
+            fix="prune with --recipe (the replace recipe) instead of --plan.",
+        )
+    return ReplaceOptions.from_recipe(select.train)
 
 
 def _refuse_empty(surgery_plan: SurgeryPlan) -> None:
@@ -638,9 +701,12 @@ def _prune_loaded(
     if dry_run:
         return PruneResult(plan=surgery_plan, export=None, calibration=report)
     _refuse_empty(surgery_plan)
+    verify = _replace_verify(surgery_plan, verify)
+    replacement = None
     recipe_text = surgery_plan.recipe_text
     prove, unverified = None, None
     if out_of_core:  # a spread model: rewrite the source files rather than gather it to save
+        _refuse_replace_out_of_core(surgery_plan)
         mode, unverified = out_of_core_verify(verify, loaded.source)
         prove = folder_proof(mode, loaded.source, surgery_plan, samples)
 
@@ -668,7 +734,13 @@ def _prune_loaded(
             else None
         )
         params_before = count_parameters(loaded.model)
+        if surgery_plan.replaced:  # trained on the original, before surgery removes the span
+            replacement = _train_replacement(loaded, surgery_plan, recipe_file, samples)
         apply_plan(loaded.model, surgery_plan, loaded.adapter)
+        if replacement is not None:
+            from .heal.replace import install
+
+            install(loaded.model, loaded.adapter, surgery_plan, replacement)
 
         def write(folder: Path, replace_existing: bool) -> Any:
             return export_hf(
@@ -697,8 +769,25 @@ def _prune_loaded(
         plan=surgery_plan,
         prove=prove,
         unverified=unverified,
+        extra_facts={"replacement": replacement.record()} if replacement is not None else None,
     )
-    return PruneResult(plan=surgery_plan, export=exported, calibration=report, onnx=graphs, checks=checks)
+    return PruneResult(plan=surgery_plan, export=exported, calibration=report, onnx=graphs, checks=checks, replacement=replacement)
+
+
+def _train_replacement(loaded: LoadedModel, surgery_plan: SurgeryPlan, recipe_file: RecipeFile | None, samples: list[Sample] | None) -> Any:
+    """`heal.replace.replace_span` for the plan's replaced span, on the calibration samples."""
+    from .heal.replace import replace_span
+
+    options = _replace_options(surgery_plan, recipe_file)
+    if not samples:
+        raise PlanError(
+            f"Recipe '{surgery_plan.recipe}' replaces a span by a block trained on calibration data, and none was given.",
+            fix="pass --data FILE.jsonl, or set calibration.data in the recipe.",
+        )
+    span = surgery_plan.replaced[0].span
+    result = replace_span(loaded.model, loaded.processor, loaded.adapter, samples, start=span[0], n=len(span), options=options)
+    log.info("%s", result.describe())
+    return result
 
 
 def run(

@@ -28,6 +28,7 @@ from .recipe import (
     Greedy,
     Lowest,
     Recipe,
+    Replace,
     Span,
     did_you_mean,
     parse_recipe,
@@ -47,6 +48,16 @@ class RemovedBlock:
 
 
 @dataclass(frozen=True)
+class ReplacedSpan:
+    """A span of blocks (original numbering) that one kept block stands in for: ``block`` is the
+    span's last block, kept in the span's place with weights trained to map the span's input to
+    its output (`heal.replace`); the other blocks of the span are removed."""
+
+    block: int
+    span: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SurgeryPlan:
     recipe: str
     op: str
@@ -59,6 +70,9 @@ class SurgeryPlan:
     format: str = PLAN_FORMAT
     # The verbatim recipe the plan came from, so that applying a saved plan keeps its gates.
     recipe_text: str | None = None
+    # op replace: the kept block that is trained to stand in for a span. Empty otherwise, and then
+    # not written, so that plan files of every other op stay as they were.
+    replaced: tuple[ReplacedSpan, ...] = ()
 
     @property
     def removed_indices(self) -> list[int]:
@@ -72,6 +86,8 @@ class SurgeryPlan:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["kept"] = self.kept
+        if not self.replaced:
+            del data["replaced"]
         return data
 
     def save(self, path: Path | str) -> None:
@@ -101,6 +117,7 @@ class SurgeryPlan:
             notes=tuple(checked.notes),
             calibration=checked.calibration,
             recipe_text=checked.recipe_text,
+            replaced=tuple(ReplacedSpan(block=r.block, span=tuple(r.span)) for r in checked.replaced),
         )
 
     def check_model(self, num_blocks: int, model: str) -> None:
@@ -138,6 +155,10 @@ class SurgeryPlan:
             for row in [header, *rows]:
                 lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
         lines.append(f"kept ({len(self.kept)}): {self.kept}")
+        for r in self.replaced:
+            lines.append(
+                f"replaced: blocks {r.span[0]}..{r.span[-1]} by one block trained in their place (initialised from block {r.block})"
+            )
         if self.protected:
             lines.append(f"protected: {list(self.protected)}")
         lines.extend(f"note: {n}" for n in self.notes)
@@ -158,6 +179,11 @@ class _RemovedEntry(_Schema):
     metrics: dict[str, float | None]
 
 
+class _ReplacedEntry(_Schema):
+    block: int
+    span: list[int]
+
+
 class _PlanFile(_Schema):
     format: str
     recipe: str
@@ -170,6 +196,7 @@ class _PlanFile(_Schema):
     calibration: dict[str, Any] | None = None
     kept: list[int] | None = None  # derived; written for readers, checked on load
     recipe_text: str | None = None
+    replaced: list[_ReplacedEntry] = []
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -177,7 +204,8 @@ def _describe(error: dict[str, Any]) -> str:
     path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "(top level)"
     if error["type"] == "extra_forbidden":
         key, where = str(loc[-1]), loc[:-1]
-        allowed = list((_RemovedEntry if where else _PlanFile).model_fields)
+        entry = _ReplacedEntry if where and where[0] == "replaced" else _RemovedEntry
+        allowed = list((entry if where else _PlanFile).model_fields)
         parent = path.removesuffix(f".{key}").removesuffix(key) or "(top level)"
         return f"{parent}: unknown key '{key}'{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
     if error["type"] == "missing":
@@ -227,6 +255,27 @@ def _consistency(raw: dict[str, Any]) -> list[str]:
     complement = [i for i in range(n) if i not in removed]
     if typed and isinstance(kept, list) and all(_is_int(i) for i in kept) and kept != complement:
         problems.append(f"kept: {_short(kept)} is not the blocks that removed leaves ({_short(complement)})")
+    problems += _replaced_problems(raw, n, removed)
+    return problems
+
+
+def _replaced_problems(raw: dict[str, Any], n: int, removed: dict[int, int]) -> list[str]:
+    """A replaced span must be consecutive blocks in range, end with its kept block, and have
+    every other block removed: otherwise the trained block would stand in for something else."""
+    entries = raw.get("replaced") if isinstance(raw.get("replaced"), list) else []
+    problems = []
+    if entries and raw.get("op") != "replace":
+        problems.append(f"replaced: only a plan of op 'replace' replaces spans (this one's op is {raw.get('op')!r})")
+    for k, entry in enumerate(entries):
+        block, span = (entry.get("block"), entry.get("span")) if isinstance(entry, dict) else (None, None)
+        if not _is_int(block) or not isinstance(span, list) or not all(_is_int(i) for i in span):
+            continue  # the schema names the wrong type
+        if len(span) < 2 or span != list(range(span[0], span[0] + len(span))) or not 0 <= span[0] <= span[-1] < n:
+            problems.append(f"replaced[{k}].span: {_short(span)} is not a run of 2 or more consecutive blocks of 0..{n - 1}")
+        elif block != span[-1]:
+            problems.append(f"replaced[{k}].block: block {block} is not the span's last block ({span[-1]})")
+        elif block in removed or any(i not in removed for i in span[:-1]):
+            problems.append(f"replaced[{k}]: block {block} must be kept and blocks {_short(span[:-1])} removed")
     return problems
 
 
@@ -277,6 +326,8 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
     if limits is None:
         limits = BlockLimits.from_report(report.model, num_blocks) if report is not None else BlockLimits()
     fixed = {i: r for i, r in limits.fixed.items() if 0 <= i < num_blocks}
+    if isinstance(select, Replace):  # the span's shape first: no calibration can make it fit
+        _replace_span_fits(select, num_blocks)
     if recipe.needs_calibration and report is None:
         raise PlanError(
             f"Recipe '{recipe.name}' selects by metric ({select.op}) and needs calibration.",
@@ -307,6 +358,8 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
         chosen, criterion, reasons = _span(select, num_blocks, protected, budget, report, notes, rules)
     elif isinstance(select, Greedy):
         chosen, criterion, reasons = _greedy(select, num_blocks, protected, budget, report, notes, rules)
+    elif isinstance(select, Replace):
+        chosen, criterion, reasons = _replace(select, num_blocks, protected, budget, report, notes, rules)
     else:  # pragma: no cover - the schema admits no other op
         raise PlanError(f"Unknown op {select.op}")
     if len(chosen) >= num_blocks:
@@ -330,6 +383,9 @@ def plan(recipe: Recipe, num_blocks: int, report: CalibrationReport | None = Non
         criterion=criterion,
         notes=tuple(notes),
         calibration=calibration,
+        replaced=(ReplacedSpan(block=max(chosen) + 1, span=tuple(range(min(chosen), max(chosen) + 2))),)
+        if isinstance(select, Replace)
+        else (),
     )
 
 
@@ -497,7 +553,18 @@ def _span(select: Span, num_blocks: int, protected: set[int], budget: int, repor
     n = select.n
     if n > budget:
         raise PlanError(f"select.n = {n} exceeds the removal budget of {budget} block(s).", fix="lower n or raise the budget.")
-    values = _values(report, "angular_distance", select.modality, span=n)
+    best, reason, label = _smallest_span(n, n, select.modality, num_blocks, protected, report, notes, rules)
+    chosen = list(range(best, best + n))
+    return chosen, f"span of {n} with smallest {label}", dict.fromkeys(chosen, reason)
+
+
+def _smallest_span(
+    n: int, gone: int, modality: str, num_blocks: int, protected: set[int], report: Any, notes: list[str], rules: _Rules
+) -> tuple[int, str, str]:
+    """(start, reason, label) of the unprotected run of ``n`` blocks with the smallest angular
+    distance whose first ``gone`` blocks may go together under the family's rules (all of them
+    for ``span``; all but the last, which stands in for the run, for ``replace``)."""
+    values = _values(report, "angular_distance", modality, span=n)
     starts = [s for s in range(num_blocks - n + 1) if values[s] is not None and not protected.intersection(range(s, s + n))]
     if not starts:
         raise PlanError(
@@ -505,7 +572,7 @@ def _span(select: Span, num_blocks: int, protected: set[int], budget: int, repor
             fix="lower select.n or protect fewer blocks.",
         )
     # A span is removed whole, so a rule is judged on each span: one that breaks it is passed over.
-    breaches = {s: rules.limits.breach(range(s, s + n)) for s in starts}
+    breaches = {s: rules.limits.breach(range(s, s + gone)) for s in starts}
     allowed = [s for s in starts if breaches[s] is None]
     if not allowed:
         broken = sorted({b.rule for b in breaches.values() if b is not None})
@@ -516,12 +583,57 @@ def _span(select: Span, num_blocks: int, protected: set[int], budget: int, repor
             fix="lower select.n, or protect fewer blocks so that another run can go.",
         )
     best = min(allowed, key=lambda s: values[s])
-    label = _label("angular_distance", select.modality, span=n)
+    label = _label("angular_distance", modality, span=n)
     for s in sorted(s for s in starts if breaches[s] is not None and values[s] < values[best]):
         notes.append(f"span {s}..{s + n - 1} ({label} = {values[s]:.4f}) passed over by rule {breaches[s].rule}: {breaches[s].problem}")
-    reason = f"span {best}..{best + n - 1}: {label} = {values[best]:.4f} (smallest of {len(allowed)})"
-    chosen = list(range(best, best + n))
-    return chosen, f"span of {n} with smallest {label}", dict.fromkeys(chosen, reason)
+    return best, f"span {best}..{best + n - 1}: {label} = {values[best]:.4f} (smallest of {len(allowed)})", label
+
+
+def _replace_span_fits(select: Replace, num_blocks: int) -> None:
+    """Refuse a span that cannot be one of this model: n blocks and one more, a start in range."""
+    n = select.n
+    if n >= num_blocks:
+        raise PlanError(
+            f"select.n = {n}: the model has {num_blocks} blocks, and a replaced span must leave at least one other block.",
+            fix=f"use select.n between 2 and {num_blocks - 1}.",
+        )
+    if select.start is not None and _normalize(select.start, num_blocks, "select.start") + n > num_blocks:
+        raise PlanError(
+            f"select.start = {select.start} with n = {n} runs past the last block ({num_blocks - 1}).",
+            fix=f"use a start between {-num_blocks} and {num_blocks - n} (the span {num_blocks - n}..{num_blocks - 1} is the last).",
+        )
+
+
+def _replace(select: Replace, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str], rules: _Rules):
+    """The span's first n - 1 blocks go; its last block stays in its place, to be trained to map
+    the span's input to its output. Initialising from the last block means the untrained stand-in
+    is exactly the model with the first n - 1 blocks removed: training starts from that and must
+    beat it (`heal.replace` measures both)."""
+    n = select.n
+    if n - 1 > budget:
+        raise PlanError(
+            f"select.n = {n} removes {n - 1} block(s), over the removal budget of {budget}.", fix="lower n or raise the budget."
+        )
+    if select.start is not None:
+        start = _normalize(select.start, num_blocks, "select.start")
+        clash = sorted(protected.intersection(range(start, start + n)))
+        if clash:
+            raise PlanError(
+                f"select.start = {select.start}, n = {n}: the span {start}..{start + n - 1} holds protected block(s) {clash} "
+                "(by select.protect, or fixed by the model's family).",
+                fix="move select.start, lower n, or protect fewer blocks.",
+            )
+        rules.limits.check(range(start, start + n - 1), "select.start/n")
+        reason, label = f"span {start}..{start + n - 1}: select.start", "select.start"
+    else:
+        start, reason, label = _smallest_span(n, n - 1, select.modality, num_blocks, protected, report, notes, rules)
+    last = start + n - 1
+    notes.append(
+        f"block {last} stays in place of blocks {start}..{last}, trained to map block {start}'s input to block {last}'s output "
+        f"(initialised from block {last})"
+    )
+    chosen = list(range(start, last))
+    return chosen, f"replace a span of {n} with one trained block ({label})", dict.fromkeys(chosen, f"{reason}; replaced by block {last}")
 
 
 def _greedy(select: Greedy, num_blocks: int, protected: set[int], budget: int, report: Any, notes: list[str], rules: _Rules):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 from .inputs import not_unicode, read_input_text
@@ -129,6 +129,42 @@ class Span(_Select):
     modality: Modality = "all"
 
 
+class ReplaceTraining(_Strict):
+    """How the one block that stands in for a replaced span trains (`heal.replace`): on the
+    calibration samples, span input -> span output, a seeded share held out to measure it."""
+
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-4, gt=0, description="YAML reads 1e-4 as text: write 1.0e-4")
+    batch_size: int = Field(4, ge=1)
+    seed: int = 0
+    loss: Literal["mse", "cosine"] = "mse"
+    held_out: float = Field(0.25, gt=0, lt=1, description="share of the samples kept apart to measure the mapping")
+    max_length: int | None = Field(512, ge=8)
+
+
+class Replace(_Select):
+    """Replace a contiguous run of ``n`` blocks by ONE block of the same architecture, trained to
+    map the span's input hidden states to its output (LLM-Streamline): the span at ``start``, or
+    the one with the smallest angular distance (as ``span``)."""
+
+    op: Literal["replace"]
+    n: int
+    # The span's first block (negatives count from the end); None: chosen by angular distance.
+    start: int | None = None
+    modality: Modality = "all"
+    train: ReplaceTraining = ReplaceTraining()
+
+    @field_validator("n")
+    @classmethod
+    def _shortens(cls, n: int) -> int:
+        if n < 2:
+            raise ValueError(
+                f"replace needs n >= 2 (got {n}): one trained block stands in for n, so n = {n} removes nothing; "
+                "to remove single blocks use op explicit, lowest or span"
+            )
+        return n
+
+
 class Greedy(_HowMany, _Select):
     """Remove the first ``count`` (or ``fraction``) blocks of the greedy order (SLEB-style):
     each removal measured with the earlier ones already gone (calibrate with ``greedy``)."""
@@ -136,8 +172,8 @@ class Greedy(_HowMany, _Select):
     op: Literal["greedy"]
 
 
-Selection = Annotated[Union[Explicit, Lowest, Conditions, Span, Greedy], Field(discriminator="op")]
-OPS = ("explicit", "lowest", "conditions", "span", "greedy")
+Selection = Annotated[Union[Explicit, Lowest, Conditions, Span, Greedy, Replace], Field(discriminator="op")]
+OPS = ("explicit", "lowest", "conditions", "span", "greedy", "replace")
 
 
 class CalibrationDefaults(_Strict):
@@ -239,6 +275,9 @@ class Recipe(_Strict):
 
     @property
     def needs_calibration(self) -> bool:
+        # A replace at a given start needs data to train on, but no metric to choose by.
+        if isinstance(self.select, Replace):
+            return self.select.start is None
         return self.select.op != "explicit"
 
 

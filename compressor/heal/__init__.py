@@ -13,7 +13,9 @@ Modules, one concept each:
 - `methods`: which parameters train; LoRA in (peft) and merged out;
 - `loop`: the deterministic, resumable training loop with held-out early stopping;
 - `export`: the checkpoint, its loss curve, card and manifest, verified by reload;
-- `run`: `heal`, the library call the CLI maps onto.
+- `run`: `heal`, the library call the CLI maps onto;
+- `replace`: the `replace` op's training of one block in place of a span (`replace_span`);
+- `parallel`: data-parallel training under torchrun/accelerate (sample slices, summed gradients).
 """
 
 from __future__ import annotations

@@ -35,10 +35,12 @@ from tqdm.auto import tqdm
 
 from ..architectures import Adapter
 from ..data import Batch, Sample, build_batch
-from ..errors import CompressorError
+from ..distributed import Group
+from ..errors import CompressorError, InputError
 from .losses import Weights, mean_kl, scored, terms
 from .methods import Trainable
 from .options import HealOptions
+from .parallel import Team, samples_of
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class Context:
     device: torch.device
     compute_dtype: torch.dtype
     max_length: int | None = None
+    team: Team = field(default_factory=Team)  # the processes of a data-parallel run (one by default)
 
     def autocast(self) -> Any:
         """Mixed precision when computing below float32: frozen weights sit in the compute dtype and
@@ -113,12 +116,16 @@ def train(
     held_batches = [_build(context, context.held_out[i : i + size]) for i in range(0, len(context.held_out), size)]
     checkpoint = resume_dir / CHECKPOINT_FILE if resume_dir is not None else None
     state = _State.fresh(context, options)
+    team = context.team
     if checkpoint is not None and resume:
-        state.restore(checkpoint, context, key, options)
+        with team.together("while reading the resume checkpoint"):
+            state.restore(checkpoint, context, key, options, world_size=team.group.world_size)
+        _same_start(team, state, checkpoint)
+    team.broadcast_parameters(context.trainable.parameters)
     if state.step == 0 and held_batches and not state.curve.held_out:
         # The untrained student is the first candidate: if no step beats it, its weights are kept.
         state.curve.held_out.append((0, _held_kl(context, held_batches)))
-        state.best_kl, state.best_step, state.best_state = state.curve.held_out[0][1], 0, context.trainable.state()
+        state.best_kl, state.best_step, state.best_state = state.curve.held_out[0][1], 0, _best_copy(context)
     resumed_from = state.step
     limit, budget = options.max_steps, options.token_budget
     total, unit = (limit, "step") if limit is not None else (budget, "tok")
@@ -137,7 +144,10 @@ def train(
                 if held_batches and (state.step % options.evaluation_interval() == 0 or state.done(limit, budget)):
                     state.measure(context, held_batches, options)
                 if checkpoint is not None and (state.step % options.checkpoint_every == 0 or state.done(limit, budget)):
-                    state.save(checkpoint, context, key)
+                    with team.together("while writing the resume checkpoint"):  # rank 0 writes; the others wait for it
+                        if team.is_main:
+                            state.save(checkpoint, context, key, world_size=team.group.world_size)
+                    state.saved_step = state.step
                 window_tokens += tokens
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 bar.update(1 if limit else min(tokens, max(0, budget - bar.n)))
@@ -187,21 +197,31 @@ def train(
 
 def _step(context: Context, options: HealOptions, state: _State, weights: Weights) -> int:
     """One optimizer step over ``grad_accum`` micro-batches; returns the real tokens it ran on."""
+    team = context.team
     first = state.step * options.grad_accum
     micros = range(first, first + options.grad_accum)
-    batches = [_build(context, _samples(context.train, options, micro)).to(context.device) for micro in micros]
-    step_rows = sum(len(scored(batch, context.adapter, context.student)[0]) for batch in batches)
+    with team.together(f"while preparing step {state.step + 1}"):
+        batches = [_build(context, _samples(context.train, options, micro, team)).to(context.device) for micro in micros]
+        local_rows = sum(len(scored(batch, context.adapter, context.student)[0]) for batch in batches)
+    # Every process divides by the rows of the whole step (all processes'): the summed gradients
+    # are then the gradient of the step's mean, as in one process.
+    step_rows = int(team.sum([local_rows])[0]) if team.distributed else local_rows
     state.optimizer.zero_grad(set_to_none=True)
     loss_sum, kl_sum, tokens = 0.0, 0.0, 0
-    for batch in batches:
-        with context.autocast():
-            found = terms(context.student, context.teacher, context.adapter, batch, context.kept, weights)
-            loss = found.total(weights, step_rows)
-        if loss.requires_grad:
-            state.scaler.scale(loss).backward()
-        loss_sum += float(loss.detach())
-        kl_sum += float(found.kl.detach())
-        tokens += found.tokens
+    with team.together(f"in step {state.step + 1}"):
+        for batch in batches:
+            with context.autocast():
+                found = terms(context.student, context.teacher, context.adapter, batch, context.kept, weights)
+                loss = found.total(weights, step_rows)
+            if loss.requires_grad:
+                state.scaler.scale(loss).backward()
+            loss_sum += float(loss.detach())
+            kl_sum += float(found.kl.detach())
+            tokens += found.tokens
+    if team.distributed:
+        team.reduce_gradients(context.trainable.parameters)
+        loss_sum, kl_sum, summed_tokens = team.sum([loss_sum, kl_sum, tokens])
+        tokens = int(summed_tokens)
     state.scaler.unscale_(state.optimizer)
     if options.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(context.trainable.parameters, options.max_grad_norm)
@@ -213,12 +233,24 @@ def _step(context: Context, options: HealOptions, state: _State, weights: Weight
     return tokens
 
 
-def _samples(train: list[Sample], options: HealOptions, micro: int) -> list[Sample]:
+def make_optimizer(
+    parameters: Sequence[nn.Parameter], *, lr: float, weight_decay: float, warmup_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with linear warm-up over ``warmup_steps``, then a constant rate (shared with
+    `replace`, which trains one stand-in block the same way)."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    warmup = warmup_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    return optimizer, schedule
+
+
+def _samples(train: list[Sample], options: HealOptions, micro: int, team: Team | None = None) -> list[Sample]:
     """Micro-batch ``micro``'s samples: positions micro·B … micro·B + B − 1 of an endless stream
-    that walks the training set in a fresh seeded order on every pass."""
+    that walks the training set in a fresh seeded order on every pass (in a data-parallel run,
+    this process's slice of the global micro-batch: `parallel.samples_of`)."""
     n = len(train)
     chosen = []
-    for position in range(micro * options.batch_size, (micro + 1) * options.batch_size):
+    for position in samples_of(team.group if team else Group(), micro, options.batch_size):
         epoch, index = divmod(position, n)
         chosen.append(train[_order(options.seed, epoch, n)[index]])
     return chosen
@@ -244,12 +276,56 @@ def _build(context: Context, samples: list[Sample]) -> Batch:
 def _held_kl(context: Context, batches: list[Batch]) -> float:
     was_training = context.student.training
     context.student.eval()
+    team = context.team
     try:
         with context.autocast():
-            kl = mean_kl(context.student, context.teacher, context.adapter, batches, context.device)
+            if not team.distributed:
+                kl = mean_kl(context.student, context.teacher, context.adapter, batches, context.device)
+            else:
+                kl = _sharded_kl(context, batches)
     finally:
         context.student.train(was_training)
     return float(kl) if kl is not None else float("nan")
+
+
+def _sharded_kl(context: Context, batches: list[Batch]) -> float | None:
+    """`mean_kl` with the batches shared out among the processes: each measures every N-th, the
+    per-batch sums are gathered and added up in batch order, so every process gets the same
+    value — the one a single process computes — and takes the same early-stopping decision."""
+    team = context.team
+    mine = range(team.group.rank, len(batches), team.group.world_size)
+    sums: dict[int, float] = {}
+    with team.together("while measuring the held-out KL"), torch.no_grad():
+        for index in mine:
+            found = terms(context.student, context.teacher, context.adapter, batches[index].to(context.device), (), Weights())
+            sums[2 * index], sums[2 * index + 1] = float(found.kl), float(found.rows)
+    gathered = team.gather(sums, 2 * len(batches))
+    total, rows = 0.0, 0
+    for index in range(len(batches)):
+        total += gathered[2 * index]
+        rows += int(gathered[2 * index + 1])
+    return total / rows if rows else None
+
+
+def _best_copy(context: Context) -> dict[str, torch.Tensor] | None:
+    """A CPU copy of the trained parameters, kept by the process that writes (in one process,
+    that one): N processes on a machine holding N copies in host memory would buy nothing."""
+    return context.trainable.state() if context.team.is_main else None
+
+
+def _same_start(team: Team, state: _State, checkpoint: Path) -> None:
+    """Every process resumed at the same step, or none goes on: each reads the checkpoint itself,
+    so a resume folder that only rank 0's machine sees would otherwise split the run."""
+    if not team.distributed:
+        return
+    steps = team.gather({team.group.rank: state.step}, team.group.world_size)
+    if len(set(steps)) > 1:
+        raise CompressorError(
+            f"The processes of this run found different resume checkpoints in {checkpoint.parent} (steps by rank: "
+            f"{[int(step) for step in steps]}).",
+            fix="put the output (and its hidden .NAME.heal-resume folder beside it) on a file system every process sees, "
+            "or pass --no-resume to start over.",
+        )
 
 
 def _free_memory() -> None:
@@ -277,9 +353,9 @@ class _State:
 
     @classmethod
     def fresh(cls, context: Context, options: HealOptions) -> _State:
-        optimizer = torch.optim.AdamW(context.trainable.parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
-        warmup = options.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        optimizer, schedule = make_optimizer(
+            context.trainable.parameters, lr=options.learning_rate, weight_decay=options.weight_decay, warmup_steps=options.warmup_steps
+        )
         # fp16 gradients underflow without scaling; bf16 and float32 need none (the scaler is then a no-op).
         scaler = torch.amp.GradScaler(context.device.type, enabled=context.compute_dtype == torch.float16)
         return cls(optimizer, schedule, scaler)
@@ -293,7 +369,7 @@ class _State:
         kl = _held_kl(context, batches)
         self.curve.held_out.append((self.step, kl))
         if self.best_kl is None or kl < self.best_kl:
-            self.best_kl, self.best_step, self.best_state, self.bad = kl, self.step, context.trainable.state(), 0
+            self.best_kl, self.best_step, self.best_state, self.bad = kl, self.step, _best_copy(context), 0
             return
         self.bad += 1
         if options.patience and self.bad >= options.patience:
@@ -302,10 +378,11 @@ class _State:
             )
             self.stopped = True
 
-    def save(self, path: Path, context: Context, key: str) -> None:
+    def save(self, path: Path, context: Context, key: str, world_size: int = 1) -> None:
         """Write a checkpoint atomically: Ctrl-C mid-write leaves the previous one intact."""
         record = {
             "key": key,
+            "world_size": world_size,  # the samples of a step depend on it: a resume needs the same
             "step": self.step,
             "tokens": self.tokens,
             "seconds": self.seconds,
@@ -339,9 +416,10 @@ class _State:
             raise
         self.saved_step = self.step
 
-    def restore(self, path: Path, context: Context, key: str, options: HealOptions) -> None:
+    def restore(self, path: Path, context: Context, key: str, options: HealOptions, world_size: int = 1) -> None:
         """Continue from ``path`` when it holds a checkpoint of this run (its ``key``); anything
-        else is ignored with a warning and training starts from step 0: never a crash."""
+        else is ignored with a warning and training starts from step 0: never a crash — but a
+        checkpoint of this run written by another number of processes is refused (InputError)."""
         if not path.is_file():
             return
         initial = context.trainable.state()
@@ -349,6 +427,9 @@ class _State:
             record = torch.load(path, map_location="cpu", weights_only=True)
             if record["key"] != key:
                 raise ValueError("it belongs to another run (other inputs or options)")
+            written_by = int(record.get("world_size", 1))
+            if written_by != world_size:
+                raise _WorldSizeChanged(written_by, record["step"])
             if len(record["loss"]) != record["step"]:
                 raise ValueError(f"step {record['step']} with {len(record['loss'])} losses")
             context.trainable.load(record["trained"])
@@ -360,6 +441,15 @@ class _State:
                 torch.cuda.set_rng_state_all(record["cuda_rng"])
             state = random.getstate()
             random.setstate((state[0], tuple(record["python_rng"]), state[2]))
+        except _WorldSizeChanged as changed:
+            context.trainable.load(initial)
+            raise InputError(
+                f"The healing checkpoint {path} (step {changed.step}) was written by {changed.written_by} process(es); this run "
+                f"has {world_size}. Each step's samples are shared out by the number of processes, so it cannot continue "
+                "that run exactly.",
+                fix=f"resume with the same number of processes (torchrun --nproc-per-node {changed.written_by}, or no launcher "
+                "for 1), or pass --no-resume to start over.",
+            ) from None
         except Exception as error:  # whatever is wrong with the file, training can still start over
             log.warning("ignoring the healing checkpoint %s (%s); training from step 0", path, error)
             context.trainable.load(initial)
@@ -369,6 +459,13 @@ class _State:
         self.step, self.tokens, self.seconds = record["step"], record["tokens"], record["seconds"]
         held_out = [(int(s), float(k)) for s, k in record["held_out"]]
         self.curve = Curve(list(record["loss"]), list(record["kl"]), held_out, list(record["curve_tokens"]))
-        self.best_kl, self.best_step, self.best_state = record["best_kl"], record["best_step"], record["best_state"]
+        self.best_kl, self.best_step = record["best_kl"], record["best_step"]
+        self.best_state = record["best_state"] if context.team.is_main else None  # as `_best_copy`
         self.bad, self.stopped, self.saved_step = record["bad"], record["stopped"], record["step"]
         log.info("resuming healing at step %d (%d tokens so far)", self.step, self.tokens)
+
+
+class _WorldSizeChanged(Exception):
+    def __init__(self, written_by: int, step: int):
+        super().__init__(f"written by {written_by} processes")
+        self.written_by, self.step = written_by, step

@@ -16,6 +16,7 @@ import logging
 import random
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from ..data import file_sha256, load_samples
+from ..distributed import Group
 from ..equivalence import LOGITS_TOLERANCE, logits_of
 from ..errors import VerificationError
 from ..hub import ModelSource, resolve_model_ref
@@ -34,6 +36,7 @@ from .inputs import Pair, Split, check_pair, check_vocabularies, check_weights, 
 from .loop import Context, Curve, train
 from .methods import Trainable, chosen_blocks, merge, prepare
 from .options import HealOptions
+from .parallel import Team
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +98,21 @@ def heal(
     allow_outside_data: bool = False,
     trust_remote_code: bool = False,
     on_step: Callable[[int], None] | None = None,
+    group: Group | None = None,
 ) -> HealResult:
     """Train the pruned checkpoint ``pruned`` towards its original ``teacher`` (folders, Hub ids,
     or resolved sources) on ``data`` and write the result to ``out`` (see the module docstring).
     ``resume_dir`` (default `resume_folder`) holds the checkpoints of an interrupted run.
-    ``on_step(step)`` runs after each step and its checkpoint: a test seam."""
+    ``on_step(step)`` runs after each step and its checkpoint: a test seam.
+
+    ``group`` (joined: `distributed.current`): data-parallel healing, every process calling this
+    with the same arguments; each trains on its slice of every step's samples on its own device,
+    gradients are summed (`parallel`), and rank 0 alone takes the output lock and writes the
+    resume checkpoints and the output. Every process returns once the output is written, or
+    raises when any of them failed."""
     options = options or HealOptions()
+    team = Team(group)  # a collective: every process gets here together
+    device = team.group.device(device)  # each process its own GPU
     out, data = Path(out), Path(data)
     given = [ref.path if isinstance(ref, ModelSource) else Path(ref) for ref in (pruned, teacher)]
     check_output(out, overwrite=overwrite, sources=[*given, data])  # before a Hub download
@@ -110,7 +122,7 @@ def heal(
     )
     sources: list[Path | None] = [student_source.path, teacher_source.path, data]
     check_output(out, overwrite=overwrite, sources=sources)
-    with output_lock(out):
+    with output_lock(out) if team.is_main else nullcontext():  # one writer; a second run fails here
         pair = check_pair(student_source, teacher_source)
         chosen_blocks(pair.plan, options)  # a wrong --blocks is refused before minutes of loading
         samples = load_samples(data, allow_outside=allow_outside_data)
@@ -128,8 +140,9 @@ def heal(
             overwrite=overwrite,
             resume=resume,
             resume_dir=resume_dir or resume_folder(out),
-            progress=progress,
+            progress=progress and team.is_main,
             on_step=on_step,
+            team=team,
         )
 
 
@@ -148,6 +161,7 @@ def _heal_loaded(
     resume_dir: Path,
     progress: bool,
     on_step: Callable[[int], None] | None,
+    team: Team,
 ) -> HealResult:
     from ..loading import load_model, resolve_device, resolve_dtype
 
@@ -167,7 +181,7 @@ def _heal_loaded(
         student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inputs = {"student": _fingerprint(pair.student), "teacher": _fingerprint(pair.teacher), "data": data_sha, "kept": str(pair.plan.kept)}
     key = options.key(inputs)
-    if not resume:
+    if not resume and team.is_main:
         shutil.rmtree(resume_dir, ignore_errors=True)
     context = Context(
         student=student.model,
@@ -182,57 +196,62 @@ def _heal_loaded(
         device=torch_device,
         compute_dtype=compute,
         max_length=options.max_length,
+        team=team,
     )
     outcome = train(context, options, key=key, resume_dir=resume_dir, resume=resume, progress=progress, on_step=on_step)
     if options.gradient_checkpointing:
         student.model.gradient_checkpointing_disable()
     del teacher, context  # the teacher's memory goes before the export's reload
-    checks_samples = (split.held_out or split.train)[:2]
-    checks = []
+    checks: list[Check] = []
     model = student.model
-    if trainable.lora:
-        model, merge_check = _merge_checked(trainable, student.model, student.processor, checks_samples)
-        checks.append(merge_check)
-    model.requires_grad_(False)
-    model.to(dtype=_dtype(pair.checkpoint_dtype))  # written as PRUNED was stored; trained parameters were float32
-    healing = {
-        "method": options.method,
-        "trained": trainable.record(),
-        "trained_description": trainable.described,
-        "teacher": source_facts(pair.teacher),
-        "student": pair.student.public_name,
-        "data": {
-            "name": data_name,
-            "sha256": data_sha,
-            "train_samples": len(split.train),
-            "held_out_samples": len(split.held_out),
-            "format": split.text_format,
-        },
-        "steps": outcome.steps,
-        "tokens": outcome.tokens,
-        "seconds": outcome.seconds,
-        "stopped_early": outcome.stopped_early,
-        "best_step": outcome.best_step,
-        "resumed_from": outcome.resumed_from,
-        "held_out_kl": {"before": outcome.kl_before, "after": outcome.kl_after},
-        "loss": {"kl": 1.0, "hidden": options.hidden_loss, "hidden_weight": options.hidden_weight, "ce_weight": options.ce_weight},
-        "options": options.record(),
-        "device": torch_device.type,
-        "compute_dtype": name,
-    }
-    checks = write_healed(
-        model,
-        student.processor,
-        out,
-        pair=pair,
-        healing=healing,
-        curve=outcome.curve,
-        samples=checks_samples,
-        checks=checks,
-        overwrite=overwrite,
-        sources=sources,
-    )
-    shutil.rmtree(resume_dir, ignore_errors=True)
+    # Rank 0 merges, writes and verifies; the others wait here for how it went (`Team.together`).
+    with team.together("while writing the healed checkpoint"):
+        if team.is_main:
+            checks_samples = (split.held_out or split.train)[:2]
+            if trainable.lora:
+                model, merge_check = _merge_checked(trainable, student.model, student.processor, checks_samples)
+                checks.append(merge_check)
+            model.requires_grad_(False)
+            model.to(dtype=_dtype(pair.checkpoint_dtype))  # written as PRUNED was stored; trained parameters were float32
+            healing = {
+                "method": options.method,
+                "trained": trainable.record(),
+                "trained_description": trainable.described,
+                "teacher": source_facts(pair.teacher),
+                "student": pair.student.public_name,
+                "data": {
+                    "name": data_name,
+                    "sha256": data_sha,
+                    "train_samples": len(split.train),
+                    "held_out_samples": len(split.held_out),
+                    "format": split.text_format,
+                },
+                "steps": outcome.steps,
+                "tokens": outcome.tokens,
+                "seconds": outcome.seconds,
+                "stopped_early": outcome.stopped_early,
+                "best_step": outcome.best_step,
+                "resumed_from": outcome.resumed_from,
+                "held_out_kl": {"before": outcome.kl_before, "after": outcome.kl_after},
+                "loss": {"kl": 1.0, "hidden": options.hidden_loss, "hidden_weight": options.hidden_weight, "ce_weight": options.ce_weight},
+                "options": options.record(),
+                "device": torch_device.type,
+                "processes": team.group.world_size,  # data-parallel processes that trained
+                "compute_dtype": name,
+            }
+            checks = write_healed(
+                model,
+                student.processor,
+                out,
+                pair=pair,
+                healing=healing,
+                curve=outcome.curve,
+                samples=checks_samples,
+                checks=checks,
+                overwrite=overwrite,
+                sources=sources,
+            )
+            shutil.rmtree(resume_dir, ignore_errors=True)
     return HealResult(
         path=out.resolve(),
         method=options.method,
