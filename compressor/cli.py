@@ -482,6 +482,7 @@ def _single_process(command: str) -> None:
 @click.option("--model", help="Model folder or Hub id [recipe's `model:`].")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration JSONL [recipe's calibration.data].")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Evaluation JSONL: validate and gate [recipe's validate.data].")
+@click.option("--heal-data", type=click.Path(path_type=Path), help="Training JSONL for the recipe's heal: section [its data].")
 @click.option("--no-latency", is_flag=True, help="Validate accuracy only.")
 @click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/hf/onnx [recipe's export.formats].")
 @_verify_option
@@ -507,6 +508,7 @@ def run_command(
     model: str | None,
     data: Path | None,
     eval_data: Path | None,
+    heal_data: Path | None,
     no_latency: bool,
     onnx: bool | None,
     verify: str | None,
@@ -551,6 +553,7 @@ def run_command(
         model_ref=model,
         data=data,
         eval_data=eval_data,
+        heal_data=heal_data,
         validate_options={"latency": not no_latency},
         onnx=onnx,
         overwrite=overwrite,

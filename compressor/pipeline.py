@@ -797,6 +797,7 @@ def run(
     model_ref: str | None = None,
     data: Path | str | None = None,
     eval_data: Path | str | None = None,
+    heal_data: Path | str | None = None,
     validate_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     device: str | None = "cpu",
@@ -818,7 +819,7 @@ def run(
     checks the pruned checkpoint as for `prune`.
 
     With a ``heal:`` section the pruned checkpoint goes to ``out/pruned/`` and is healed
-    (`heal.heal`, the original as teacher) into ``out/hf/``, which is what is validated; an
+    (`heal.heal`, the original as teacher, on ``heal_data`` or the section's ``data``) into ``out/hf/``, which is what is validated; an
     interrupted healing resumes from its checkpoint beside ``out`` when the run is started again.
     """
     model_ref = model_ref or recipe_file.recipe.model
@@ -834,7 +835,13 @@ def run(
     if eval_data is None and thresholds is not None and thresholds.data:
         eval_data = recipe_file.resolve(thresholds.data)
     heal_section = recipe_file.recipe.heal
-    heal_data = recipe_file.resolve(heal_section.data) if heal_section is not None else None
+    if heal_data is not None and heal_section is None:
+        raise InputError(
+            f"--heal-data gives training data, but recipe '{recipe_file.path.name}' has no heal: section.",
+            fix="add a heal: section to the recipe (see recipes/demo-heal.yaml), or drop --heal-data.",
+        )
+    if heal_section is not None:  # the command line wins over the recipe, as for --data and --eval
+        heal_data = Path(heal_data) if heal_data is not None else recipe_file.resolve(heal_section.data)
     heal_options = _heal_options(recipe_file, onnx, dtype)
     # Before a Hub download:
     check_output(out, overwrite=overwrite, sources=[Path(model_ref), data_path, eval_data, heal_data, recipe_file.path])

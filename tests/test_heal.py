@@ -409,6 +409,27 @@ def test_run_heals_between_pruning_and_validation(tiny_models, made, tmp_path, c
     assert not resume_folder(out).exists()
 
 
+def test_heal_data_on_the_command_line_wins_over_the_recipe(tiny_models, made, tmp_path, capsys):
+    """A shipped recipe (recipes/demo-heal.yaml) names data relative to itself; --heal-data points
+    it at the user's own file, as --data and --eval do for calibration and evaluation."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nname: healed\nselect: {{op: explicit, blocks: {REMOVED}}}\n"
+        f"heal: {{data: {tmp_path / 'not-there.jsonl'}, method: full, steps: 2, batch_size: 2}}\n"
+    )
+    model, data = tiny_models["llama"].path, made["llama-data"]
+    code, _, err = run_cli(capsys, "run", recipe, "--model", model, "-o", tmp_path / "a")
+    assert code == 2 and "not-there.jsonl" in err  # the recipe's own data, when not overridden
+    code, stdout, err = run_cli(capsys, "run", recipe, "--model", model, "--heal-data", data, "-o", tmp_path / "b")
+    assert code == 0, err
+    healing = json.loads((tmp_path / "b" / "hf" / "compressor.json").read_text())["healing"]
+    assert healing["data"]["name"] == data.name and healing["steps"] == 2
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"version: 1\nname: p\nselect: {{op: explicit, blocks: {REMOVED}}}\n")
+    code, _, err = run_cli(capsys, "run", plain, "--model", model, "--heal-data", data, "-o", tmp_path / "c")
+    assert code == 2 and "has no heal: section" in err and not (tmp_path / "c").exists()
+
+
 def test_recipe_heal_section_is_checked_before_any_work(tiny_models, made, tmp_path, capsys):
     base = f"version: 1\nname: t\nselect: {{op: explicit, blocks: {REMOVED}}}\n"
     recipe = tmp_path / "r.yaml"
