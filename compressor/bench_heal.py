@@ -7,10 +7,14 @@ every removal budget k from 1 block to half the blocks:
   its protected blocks) with ``count: k``, through the real `prune` call (calibrated on the
   demo's calibration split, a verified checkpoint written), the same blocks for every method;
 - the pruned checkpoint is healed by each method `compressor.heal` offers (distill, lora, full,
-  projector, and replace when the installed heal has it), through the real `heal` call with
-  the original as teacher, on the demo's *training* split (never the evaluation split), for at
-  most a tenth of the demo's own training steps (read from the demo's settings) at a batch no
-  larger than the demo's: at most a tenth of the samples the model was trained on;
+  projector), through the real `heal` call with the original as teacher, on the demo's
+  *training* split (never the evaluation split), for at most a tenth of the demo's own training
+  steps (read from the demo's settings) at a batch no larger than the demo's: at most a tenth
+  of the samples the model was trained on;
+- the recipe op ``replace`` removes the same number of blocks its own way (one trained block
+  for the k + 1 consecutive blocks of smallest angular distance, `replace_recipe_for`) through
+  the real `prune` call, on the same samples, steps and batch; it is scored against the pruned
+  model of the same depth;
 - exact-match accuracy of greedy answers on the evaluation split for the original, the pruned
   model and each healed one, each method's training time, and the share of the lost accuracy
   it recovers: (healed − pruned) / (original − pruned), undefined (n/a) when nothing was lost.
@@ -77,6 +81,8 @@ class MethodResult:
     kl_after: float | None
     trained_parameters: int
     refused: str | None = None
+    span: list[int] | None = None  # replace: the blocks one trained block stands in for (original numbering)
+    held_out_loss: dict[str, dict[str, float]] | None = None  # replace: the span mapping's held-out loss before/after
 
 
 @dataclass
@@ -123,10 +129,13 @@ def recovered(original: float, pruned: float, healed: float) -> float | None:
 
 
 def available_methods() -> tuple[list[str], list[str]]:
-    """The wanted methods this compressor.heal offers, and those it lacks."""
+    """The wanted methods this compressor offers (heal's methods, and the recipe op ``replace``),
+    and those it lacks."""
     from .heal import METHODS
+    from .recipe import OPS
 
-    return [m for m in WANTED_METHODS if m in METHODS], [m for m in WANTED_METHODS if m not in METHODS]
+    offered = {*METHODS, *(["replace"] if "replace" in OPS else [])}
+    return [m for m in WANTED_METHODS if m in offered], [m for m in WANTED_METHODS if m not in offered]
 
 
 def heal_budget(settings: DemoSettings) -> int:
@@ -145,6 +154,26 @@ def recipe_for(k: int, folder: Path) -> Path:
     data["description"] = f"{DEFAULT_RECIPE.name} with count {k} (make bench-heal)"
     data.pop("validate", None)  # the bench scores the models itself
     path = folder / f"k{k}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def replace_recipe_for(k: int, folder: Path, *, steps: int, batch_size: int, lr: float | None, rows: int, held_out: float) -> Path:
+    """Op ``replace`` removing ``k`` blocks: one trained block stands in for the span of k + 1
+    blocks with the smallest angular distance, with the default recipe's protected blocks, on
+    the healing methods' samples (``rows``, the same share held out) and steps and batch."""
+    protect = yaml.safe_load(DEFAULT_RECIPE.read_text())["select"].get("protect", {})
+    train: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "seed": 0, "held_out": held_out}
+    if lr is not None:
+        train["lr"] = lr
+    data = {
+        "version": 1,
+        "name": f"bench-heal-replace-k{k}",
+        "description": f"op replace, n = {k + 1} (make bench-heal)",
+        "calibration": {"num_samples": rows},
+        "select": {"op": "replace", "n": k + 1, "protect": protect, "train": train},
+    }
+    path = folder / f"replace-k{k}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -196,6 +225,7 @@ def run_task(
     ``on_budget(partial)`` runs after each budget: `main` rewrites the results files there, so
     an interrupted run keeps the budgets it finished."""
     from .heal import HealOptions, heal
+    from .heal.replace import ReplaceOptions
     from .pipeline import prune
 
     started = time.perf_counter()
@@ -232,7 +262,9 @@ def run_task(
         "held_out_samples": held_out_samples,
         "eval_every": max(1, steps // HELD_OUT_MEASUREMENTS),
         "hidden_loss": hidden_loss,
-        "lr": {m: HealOptions(method=m, lr=lr.get(m)).learning_rate for m in methods},
+        "lr": {
+            m: lr.get(m) or ReplaceOptions().lr if m == "replace" else HealOptions(method=m, lr=lr.get(m)).learning_rate for m in methods
+        },
         "data": f"the first {rows} samples of the demo's training split",
         "selection": f"{DEFAULT_RECIPE.name} with count k",
     }
@@ -262,6 +294,11 @@ def run_task(
             entry = BudgetResult(k, list(pruned.plan.removed_indices), _accuracy(loaded.model, loaded.processor, evaluation))
             del loaded
             for method in methods:
+                if method == "replace":  # a prune of its own: the trained block is part of the removal
+                    entry.methods[method] = _replaced(assets, k, work, data, entry, original_accuracy, evaluation, processor,
+                                                      steps=steps, batch_size=batch_size, lr=lr.get(method), rows=rows,
+                                                      held_out=held_out_samples / rows)  # fmt: skip
+                    continue
                 options = HealOptions(
                     method=method,
                     steps=steps,
@@ -320,6 +357,64 @@ def run_task(
     return result
 
 
+def _replaced(
+    assets: DemoAssets,
+    k: int,
+    work: Path,
+    data: Path,
+    entry: BudgetResult,
+    original_accuracy: float,
+    evaluation: list,
+    processor: Any,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float | None,
+    rows: int,
+    held_out: float,
+) -> MethodResult:
+    """Op replace at budget ``k`` through the real `prune` call, trained on the healing data;
+    compared with the same budget's pruned model (the same depth, other blocks removed)."""
+    from .pipeline import prune
+
+    target = work / f"k{k}-replace"
+    result = prune(
+        str(assets.model_dir),
+        target,
+        recipe_file=load_recipe(replace_recipe_for(k, work, steps=steps, batch_size=batch_size, lr=lr, rows=rows, held_out=held_out)),
+        data=data,
+        device="cpu",
+        dtype="float32",
+        allow_outside_data=True,
+    )
+    replaced = result.replacement
+    loaded = load_model(str(target), device="cpu", dtype="float32")
+    accuracy = _accuracy(loaded.model, processor, evaluation)
+    del loaded
+    shutil.rmtree(target)
+    held = replaced.held_out[replaced.options.loss]
+    log.info(
+        "k=%d replace (span %s): %.1f%% (pruned %.1f%%) in %.1fs",
+        k,
+        list(replaced.span),
+        accuracy * 100,
+        entry.pruned_accuracy * 100,
+        replaced.seconds,
+    )
+    return MethodResult(
+        accuracy=accuracy,
+        recovered=recovered(original_accuracy, entry.pruned_accuracy, accuracy),
+        seconds=replaced.seconds,
+        steps=len(replaced.curve),
+        best_step=None,
+        kl_before=None,
+        kl_after=None,
+        trained_parameters=sum(t.numel() for t in replaced.state.values()),
+        span=list(replaced.span),
+        held_out_loss={replaced.options.loss: held},
+    )
+
+
 def _best_step(held_out: list[tuple[int, float]]) -> int | None:
     """The step whose weights heal kept: the first lowest held-out KL (step 0 = the pruned weights)."""
     return min(held_out, key=lambda entry: entry[1])[0] if held_out else None
@@ -358,15 +453,22 @@ def markdown(results: list[TaskResult]) -> str:
                 elif found.accuracy is None:
                     cells.append("refused")
                 else:
-                    cells.append(f"{found.accuracy:.1%} ({_pct(found.recovered)})")
+                    span = f" [{found.span[0]}–{found.span[-1]}]" if found.span else ""  # replace: the span it stands in for
+                    cells.append(f"{found.accuracy:.1%} ({_pct(found.recovered)}){span}")
             lines.append(f"| {b.k} | {', '.join(map(str, b.removed))} | {b.pruned_accuracy:.1%} | " + " | ".join(cells) + " |")
+        if "replace" in methods:
+            lines += ["", "replace: one trained block stands in for the span in brackets (k + 1 blocks, chosen by angular distance), "
+                      "trained on the same samples and steps; compared with the pruned model of the same depth."]  # fmt: skip
         lines += ["", "Training time (heal's loop, seconds; best step kept by held-out KL, 0 = the pruned weights):", ""]
         lines += ["| k | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
         for b in _by_k(r):
             cells = []
             for m in methods:
                 found = b.methods.get(m)
-                cells.append("—" if found is None or found.accuracy is None else f"{found.seconds:.1f} (step {found.best_step})")
+                if found is None or found.accuracy is None:
+                    cells.append("—")
+                else:
+                    cells.append(f"{found.seconds:.1f}" + (f" (step {found.best_step})" if found.best_step is not None else ""))
             lines.append(f"| {b.k} | " + " | ".join(cells) + " |")
         refusals = {f"{m}: {f.refused}" for b in r.budgets for m, f in b.methods.items() if f.refused}
         lines.append("")

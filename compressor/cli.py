@@ -683,7 +683,12 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between resume checkpoints.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted run of the same command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder written by compressor.")
-@click.option("--fsdp", is_flag=True, help="Shard the student over the GPUs (FSDP): not built; refused with what to do instead.")
+@click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Under torchrun: shard both models over the processes (FSDP) instead of a whole copy on each, for a pair one GPU cannot hold.",
+)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip the gradient norm to this; 0 never.")
 @_device_options
 @_trust_option
 @_outside_option
@@ -699,7 +704,6 @@ def heal_command(
     trust_remote_code: bool,
     allow_outside_data: bool,
     lora_modules: str | None,
-    fsdp: bool,
     **kwargs: Any,
 ) -> None:
     """Train the pruned checkpoint PRUNED towards its original (--teacher) to recover what removing
@@ -707,17 +711,11 @@ def heal_command(
 
     Under torchrun / accelerate launch, each process trains on its slice of every step's samples
     on its own GPU (--batch-size samples per process and micro-batch), the gradients are summed,
-    and rank 0 writes the resume checkpoints and the output."""
+    and rank 0 writes the resume checkpoints and the output; with --fsdp each process holds a shard
+    of both models instead of whole copies."""
     from . import distributed
     from .heal import HealOptions, heal
 
-    if fsdp:
-        raise InputError(
-            "--fsdp (sharding a student too big for one GPU over several) is not built: data-parallel healing keeps a whole "
-            "student and teacher on every GPU.",
-            fix="heal on one GPU that holds both models (--gradient-checkpointing, a smaller --batch-size and --max-length "
-            "save memory, --method lora trains the least), or under torchrun with one whole copy per GPU.",
-        )
     modules = tuple(m.strip() for m in lora_modules.split(",") if m.strip()) if lora_modules else None
     options = HealOptions(**kwargs, lora_modules=modules)
     group = distributed.current()
@@ -738,7 +736,8 @@ def heal_command(
         group=group,
     )
     if group.is_main:
-        processes = f"\ntrained by {group.world_size} data-parallel processes" if group.distributed else ""
+        how = "sharded (FSDP)" if options.fsdp else "data-parallel"
+        processes = f"\ntrained by {group.world_size} {how} processes" if group.distributed else ""
         click.echo(result.describe() + processes)
     distributed.finish(group)
 

@@ -74,7 +74,8 @@ def test_smoke_bench_heals_with_every_method_and_writes_the_table(stand_in, tmp_
     assert result.skipped_methods == missing and result.num_blocks == 8 and result.eval_questions == SMOKE["eval_samples"]
     [budget] = result.budgets
     assert budget.k == 1 and len(budget.removed) == 1 and budget.removed[0] not in (0, 7)  # shortgpt.yaml protects first and last
-    assert set(budget.methods) == set(offered)
+    assert set(budget.methods) == set(offered) and "replace" in offered
+    assert len(budget.methods["replace"].span) == 2  # k + 1 blocks, one trained block in their place
     for method, found in budget.methods.items():
         assert found.refused is None, (method, found.refused)
         assert found.steps == SMOKE["steps"] and found.seconds > 0 and found.trained_parameters > 0

@@ -1,4 +1,4 @@
-"""Data-parallel healing: `torchrun --nproc-per-node 2 -m compressor heal` on two CPU processes
+"""Data-parallel and sharded healing: `torchrun --nproc-per-node 2 -m compressor heal` on two CPU processes
 (gloo) against one plain process with the same global batch.
 
 Each test states a property a broken implementation fails:
@@ -9,7 +9,11 @@ Each test states a property a broken implementation fails:
   holds;
 - a failure on rank 1 mid-run makes both processes exit non-zero, with no output and no staging
   folder; the same command then resumes from rank 0's checkpoint and ends on the uninterrupted
-  run's weights; one process refuses that checkpoint, naming the process count.
+  run's weights; one process refuses that checkpoint, naming the process count;
+- sharded (--fsdp, each process half of every parameter of both models): the same bit-for-bit
+  equality with clipping off (distill; lora with gradient checkpointing), float rounding with it;
+  a failure mid-step stops both (the launcher ends the one waiting in FSDP's collectives) and the
+  resume checkpoint holds whole tensors from which the same command resumes exactly.
 
 The worker entry is this module (`python -m tests.test_heal_ddp`): it can inject a failure into
 one rank before it hands over to the CLI, which the real entry point cannot.
@@ -172,9 +176,73 @@ def test_each_process_takes_its_slice_of_the_global_sample_stream():
     assert sum(two, []) == sum((list(samples_of(Group(), micro, 4)) for micro in range(3)), [])
 
 
-def test_fsdp_is_refused_with_what_to_do_instead(made, tmp_path, capsys):
+# Sharded runs are compared with clipping off: FSDP adds up each gradient's norm from its shards,
+# another order than one process's whole-tensor norm, so a clipped step may differ in the last bit.
+NO_CLIP = ["--max-grad-norm", "0"]
+
+
+@pytest.mark.parametrize("method", ["distill", "lora"])
+def test_sharded_processes_write_the_weights_of_one_with_the_same_global_batch(made, tmp_path, capsys, one_thread, method):
+    """--fsdp: each process holds half of every parameter of both models; the weights written are
+    those of one process over the same micro-batches, bit for bit (lora with gradient
+    checkpointing: recomputed blocks gather their shards again in the backward pass)."""
+    extra = ["--method", method, *NO_CLIP] + (["--gradient-checkpointing"] if method == "lora" else [])
+    done = torchrun(*_heal_args(made, tmp_path / "sharded", "--batch-size", "2", "--fsdp", *extra))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("wrote ") == 1 and "trained by 2 sharded (FSDP) processes" in done.stdout
+    assert run_cli(capsys, *_heal_args(made, tmp_path / "accum", "--batch-size", "2", "--grad-accum", "2", *extra))[0] == 0
+
+    sharded, accum = _manifest(tmp_path / "sharded")["healing"], _manifest(tmp_path / "accum")["healing"]
+    assert sharded["processes"] == 2 and sharded["sharded"] is True and accum["sharded"] is False
+    assert sharded["tokens"] == accum["tokens"] and sharded["curve"]["loss"] == accum["curve"]["loss"]
+    assert sharded["held_out_kl"] == accum["held_out_kl"]
+    assert max_weight_difference(tmp_path / "sharded", tmp_path / "accum") == 0.0
+    assert max_weight_difference(tmp_path / "sharded", made["pruned"]) > 10 * BATCH_TOLERANCE  # it trained
+
+
+def test_sharded_gradient_clipping_agrees_with_one_process_to_float_rounding(made, tmp_path, capsys, one_thread):
+    """With clipping on (the default), the shards' norms add up in another order: the weights agree
+    to float rounding (measured 3.5e-8), far below what the steps moved them (3e-4)."""
+    done = torchrun(*_heal_args(made, tmp_path / "sharded", "--batch-size", "2", "--fsdp"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert run_cli(capsys, *_heal_args(made, tmp_path / "accum", "--batch-size", "2", "--grad-accum", "2"))[0] == 0
+    rounding = max_weight_difference(tmp_path / "sharded", tmp_path / "accum")
+    assert rounding <= BATCH_TOLERANCE < max_weight_difference(tmp_path / "sharded", made["pruned"]) / 10
+
+
+def test_a_sharded_run_stops_on_a_failure_and_resumes_from_its_whole_checkpoint(made, tmp_path, capsys, one_thread):
+    """Rank 1 fails in step 3 of a sharded run: rank 0 is waiting inside FSDP's collectives, the
+    launcher stops it, nothing is written but the step-2 checkpoint — whole tensors, trained
+    parameters and optimizer state alike; the same command resumes from it (each process cutting
+    its shards again) and writes the uninterrupted sharded run's weights."""
+    args = _heal_args(made, tmp_path / "out", "--batch-size", "2", "--checkpoint-every", "1", "--fsdp", *NO_CLIP)
+    failed = torchrun(*args, fail="1:3")
+    assert failed.returncode != 0 and "injected failure" in failed.stderr, failed.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.heal-resume"]
+    checkpoint = torch.load(tmp_path / ".out.heal-resume" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and checkpoint["world_size"] == 2
+    whole = load_file(made["pruned"] / "model.safetensors")
+    shapes = {tuple(t.shape) for t in whole.values()}
+    assert all(tuple(t.shape) in shapes for t in checkpoint["trained"].values())  # whole parameters, not shards
+    moments = [v for entry in checkpoint["optimizer"]["state"].values() for k, v in entry.items() if k == "exp_avg"]
+    assert moments and all(tuple(m.shape) in shapes for m in moments)
+
+    resumed = torchrun(*args)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed at step 2" in resumed.stdout
+    uninterrupted = torchrun(*_heal_args(made, tmp_path / "whole", "--batch-size", "2", "--fsdp", *NO_CLIP))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    assert max_weight_difference(tmp_path / "out", tmp_path / "whole") == 0.0
+
+
+def test_fsdp_refusals_name_what_to_do(made, tmp_path, capsys):
+    """One process has nothing to shard over; the projector and float16 cannot be sharded safely."""
     code, _, err = run_cli(capsys, *_heal_args(made, tmp_path / "out", "--fsdp"))
-    assert code == 2 and "--fsdp" in err and "not built" in err and "--gradient-checkpointing" in err
+    assert code == 2 and "--fsdp" in err and "one process" in err and "torchrun --nproc-per-node" in err
+    code, _, err = run_cli(capsys, *_heal_args(made, tmp_path / "out", "--fsdp", "--dtype", "float16"))
+    assert code == 2 and "--fsdp with --dtype float16" in err and "bfloat16" in err
+    code, _, err = run_cli(capsys, *_heal_args(made, tmp_path / "out", "--fsdp", "--method", "projector"))
+    assert code == 2 and "--fsdp with --method projector" in err
     assert not (tmp_path / "out").exists()
 
 

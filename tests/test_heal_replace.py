@@ -304,3 +304,16 @@ def test_too_few_samples_is_refused(tiny_models):
     original = _load(tiny_models["llama"].path)
     with pytest.raises(InputError, match="at least 2 samples"):
         replace_span(original.model, original.processor, original.adapter, [Sample(prompt="count to three")], start=1, n=2)
+
+
+def test_healing_a_replaced_checkpoint_keeps_the_replacement_record(tiny_models, made, tmp_path):
+    """heal after op replace: the healed manifest and card still say which span one trained block stands in for."""
+    from compressor.heal import HealOptions, heal
+
+    healed = heal(made["out"], tmp_path / "healed", teacher=tiny_models["llama"].path, data=made["data"],
+                  options=HealOptions(steps=2, batch_size=2, held_out=0.25, eval_every=1), device="cpu")  # fmt: skip
+    manifest = json.loads((healed.path / "compressor.json").read_text())
+    assert manifest["replacement"] == json.loads((made["out"] / "compressor.json").read_text())["replacement"]
+    assert manifest["healing"]["method"] == "distill" and manifest["healing"]["steps"] == 2
+    card = (healed.path / "README.md").read_text()
+    assert "## Replaced span" in card and "## Healing" in card

@@ -9,13 +9,14 @@ hidden-state distances and cross-entropy on answers; the method says which param
 Modules, one concept each:
 - `options`: the methods and every training knob (`HealOptions`), checked at once; the resume key;
 - `inputs`: is PRUNED a prune of BASE; the data, its held-out split, what the method needs of it;
-- `losses`: the objective, with both models run only to their final norm;
+- `losses`: the objective, with the LM heads run on the scored positions only;
 - `methods`: which parameters train; LoRA in (peft) and merged out;
 - `loop`: the deterministic, resumable training loop with held-out early stopping;
 - `export`: the checkpoint, its loss curve, card and manifest, verified by reload;
 - `run`: `heal`, the library call the CLI maps onto;
 - `replace`: the `replace` op's training of one block in place of a span (`replace_span`);
-- `parallel`: data-parallel training under torchrun/accelerate (sample slices, summed gradients).
+- `parallel`: data-parallel training under torchrun/accelerate (sample slices, summed gradients);
+- `sharding`: `--fsdp`, both models split over the processes (FSDP2) and what that changes.
 """
 
 from __future__ import annotations

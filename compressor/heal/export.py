@@ -90,6 +90,8 @@ def write_healed(
             "params": {"before": (pair.manifest.get("params") or {}).get("before"), "after": count_parameters(model)},
             "healing": healing,
         }
+        if pair.manifest.get("replacement"):  # PRUNED's stand-in block (op replace) is part of what was healed
+            facts["replacement"] = pair.manifest["replacement"]
         write_manifest(staging, checks=checks, facts=facts)
         (staging / "README.md").write_text(render_card(facts_from_folder(staging, name=out.name)))
     return checks

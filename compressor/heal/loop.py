@@ -14,6 +14,9 @@ weights seen are the ones kept. Every ``checkpoint_every`` steps (and after the 
 atomically into the resume folder; a run with the same key resumes from it and ends with the
 same weights, bit for bit, as an uninterrupted run (same device and thread count).
 An out-of-memory error becomes a `TrainingMemoryError` naming the options that reduce memory.
+Data-parallel (`parallel`) and sharded (`sharding`) runs share this loop; where a sharded run
+differs (collectives in every forward pass, gradients FSDP reduces, whole tensors gathered for
+checkpoints) `Context.sharded` says so.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .losses import Weights, mean_kl, scored, terms
 from .methods import Trainable
 from .options import HealOptions
 from .parallel import Team, samples_of
+from .sharding import gradient_scale, load_optimizer_state, whole_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,9 @@ class Outcome:
     stopped_early: bool
     best_step: int | None  # the step whose weights were kept, when the held-out KL chose
     resumed_from: int  # 0 for a fresh run
+    # Sharded runs: the trained parameters to write, whole (`Trainable.state` layout), on rank 0
+    # only; the sharded model itself is not what gets exported. None otherwise (the model has them).
+    weights: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -91,6 +98,11 @@ class Context:
     compute_dtype: torch.dtype
     max_length: int | None = None
     team: Team = field(default_factory=Team)  # the processes of a data-parallel run (one by default)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP healing (`sharding`): every forward pass is a collective of all the processes."""
+        return self.trainable.sharded
 
     def autocast(self) -> Any:
         """Mixed precision when computing below float32: frozen weights sit in the compute dtype and
@@ -121,7 +133,8 @@ def train(
         with team.together("while reading the resume checkpoint"):
             state.restore(checkpoint, context, key, options, world_size=team.group.world_size)
         _same_start(team, state, checkpoint)
-    team.broadcast_parameters(context.trainable.parameters)
+    if not context.sharded:  # shards come from the same files and seed on every process
+        team.broadcast_parameters(context.trainable.parameters)
     if state.step == 0 and held_batches and not state.curve.held_out:
         # The untrained student is the first candidate: if no step beats it, its weights are kept.
         state.curve.held_out.append((0, _held_kl(context, held_batches)))
@@ -145,8 +158,10 @@ def train(
                     state.measure(context, held_batches, options)
                 if checkpoint is not None and (state.step % options.checkpoint_every == 0 or state.done(limit, budget)):
                     with team.together("while writing the resume checkpoint"):  # rank 0 writes; the others wait for it
+                        if team.is_main or context.sharded:  # sharded, gathering the record takes every process
+                            record = state.record(context, key, world_size=team.group.world_size)
                         if team.is_main:
-                            state.save(checkpoint, context, key, world_size=team.group.world_size)
+                            state.write(checkpoint, record)
                     state.saved_step = state.step
                 window_tokens += tokens
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
@@ -176,10 +191,15 @@ def train(
         context.student.eval()
     stopped_early = state.stopped
     best_step = None
+    weights = None
+    chosen = bool(held_batches) and state.best_step != state.step  # the best held-out KL seen, not the last
+    if context.sharded:  # the weights to write, whole, for rank 0 (`Outcome.weights`)
+        whole = state.best_state if chosen else context.trainable.state()  # the latter: every process gathers
+        weights = whole if team.is_main else None
+    elif chosen and state.best_state is not None:
+        context.trainable.load(state.best_state)
     if held_batches:
         best_step = state.best_step
-        if state.best_state is not None and state.best_step != state.step:
-            context.trainable.load(state.best_state)  # the best held-out KL seen, not the last
         if best_step == 0:
             log.warning("no step lowered the held-out KL to the teacher: the written weights are the pruned model's own")
     return Outcome(
@@ -192,6 +212,7 @@ def train(
         stopped_early=stopped_early,
         best_step=best_step,
         resumed_from=resumed_from,
+        weights=weights,
     )
 
 
@@ -208,18 +229,23 @@ def _step(context: Context, options: HealOptions, state: _State, weights: Weight
     step_rows = int(team.sum([local_rows])[0]) if team.distributed else local_rows
     state.optimizer.zero_grad(set_to_none=True)
     loss_sum, kl_sum, tokens = 0.0, 0.0, 0
-    with team.together(f"in step {state.step + 1}"):
+    # Sharded, the peers of a process that fails mid-step wait inside FSDP's collectives, not at
+    # an agreement point: it raises at once, and the launcher (torchrun) stops the others.
+    with team.together(f"in step {state.step + 1}") if not context.sharded else nullcontext():
         for batch in batches:
             with context.autocast():
                 found = terms(context.student, context.teacher, context.adapter, batch, context.kept, weights)
                 loss = found.total(weights, step_rows)
             if loss.requires_grad:
-                state.scaler.scale(loss).backward()
+                # Sharded, FSDP averages the processes' gradients: back-propagating N × the loss makes that the sum.
+                scaled = loss * gradient_scale(team.group.world_size) if context.sharded else loss
+                state.scaler.scale(scaled).backward()
             loss_sum += float(loss.detach())
             kl_sum += float(found.kl.detach())
             tokens += found.tokens
     if team.distributed:
-        team.reduce_gradients(context.trainable.parameters)
+        if not context.sharded:  # FSDP reduced (and sharded) them in the backward pass
+            team.reduce_gradients(context.trainable.parameters)
         loss_sum, kl_sum, summed_tokens = team.sum([loss_sum, kl_sum, tokens])
         tokens = int(summed_tokens)
     state.scaler.unscale_(state.optimizer)
@@ -279,7 +305,8 @@ def _held_kl(context: Context, batches: list[Batch]) -> float:
     team = context.team
     try:
         with context.autocast():
-            if not team.distributed:
+            # Sharded, every process must run every forward pass: each measures every batch.
+            if not team.distributed or context.sharded:
                 kl = mean_kl(context.student, context.teacher, context.adapter, batches, context.device)
             else:
                 kl = _sharded_kl(context, batches)
@@ -309,8 +336,12 @@ def _sharded_kl(context: Context, batches: list[Batch]) -> float | None:
 
 def _best_copy(context: Context) -> dict[str, torch.Tensor] | None:
     """A CPU copy of the trained parameters, kept by the process that writes (in one process,
-    that one): N processes on a machine holding N copies in host memory would buy nothing."""
-    return context.trainable.state() if context.team.is_main else None
+    that one): N processes on a machine holding N copies in host memory would buy nothing.
+    Sharded, gathering the copy takes every process."""
+    if not (context.team.is_main or context.sharded):
+        return None
+    state = context.trainable.state()
+    return state if context.team.is_main else None
 
 
 def _same_start(team: Team, state: _State, checkpoint: Path) -> None:
@@ -378,9 +409,9 @@ class _State:
             )
             self.stopped = True
 
-    def save(self, path: Path, context: Context, key: str, world_size: int = 1) -> None:
-        """Write a checkpoint atomically: Ctrl-C mid-write leaves the previous one intact."""
-        record = {
+    def record(self, context: Context, key: str, world_size: int = 1) -> dict[str, Any]:
+        """What a checkpoint holds: whole tensors, on the CPU, also in a sharded run."""
+        return {
             "key": key,
             "world_size": world_size,  # the samples of a step depend on it: a resume needs the same
             "step": self.step,
@@ -396,7 +427,7 @@ class _State:
             "bad": self.bad,
             "stopped": self.stopped,
             "trained": context.trainable.state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": whole_optimizer_state(self.optimizer) if context.sharded else self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             # Nothing in a step draws from these today (no dropout in the trained modules at
@@ -405,6 +436,9 @@ class _State:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": list(random.getstate()[1]),
         }
+
+    def write(self, path: Path, record: dict[str, Any]) -> None:
+        """Write a checkpoint atomically: Ctrl-C mid-write leaves the previous one intact."""
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(handle)
@@ -422,7 +456,7 @@ class _State:
         checkpoint of this run written by another number of processes is refused (InputError)."""
         if not path.is_file():
             return
-        initial = context.trainable.state()
+        initial = context.trainable.local_copy()  # no collective: a peer may have found no file
         try:
             record = torch.load(path, map_location="cpu", weights_only=True)
             if record["key"] != key:
@@ -433,7 +467,10 @@ class _State:
             if len(record["loss"]) != record["step"]:
                 raise ValueError(f"step {record['step']} with {len(record['loss'])} losses")
             context.trainable.load(record["trained"])
-            self.optimizer.load_state_dict(record["optimizer"])
+            if context.sharded:
+                load_optimizer_state(self.optimizer, record["optimizer"])
+            else:
+                self.optimizer.load_state_dict(record["optimizer"])
             self.schedule.load_state_dict(record["schedule"])
             self.scaler.load_state_dict(record["scaler"])
             torch.set_rng_state(record["torch_rng"])
@@ -442,7 +479,7 @@ class _State:
             state = random.getstate()
             random.setstate((state[0], tuple(record["python_rng"]), state[2]))
         except _WorldSizeChanged as changed:
-            context.trainable.load(initial)
+            context.trainable.load_local(initial)
             raise InputError(
                 f"The healing checkpoint {path} (step {changed.step}) was written by {changed.written_by} process(es); this run "
                 f"has {world_size}. Each step's samples are shared out by the number of processes, so it cannot continue "
@@ -452,7 +489,7 @@ class _State:
             ) from None
         except Exception as error:  # whatever is wrong with the file, training can still start over
             log.warning("ignoring the healing checkpoint %s (%s); training from step 0", path, error)
-            context.trainable.load(initial)
+            context.trainable.load_local(initial)
             fresh = _State.fresh(context, options)
             self.optimizer, self.schedule, self.scaler = fresh.optimizer, fresh.schedule, fresh.scaler
             return

@@ -7,8 +7,9 @@
   teacher's block ``plan.kept[j]`` (MSE, or 1 − cosine per token) over the real tokens;
 - optionally, cross-entropy of the answer tokens.
 
-Both models run only up to their final norm (`run`): the LM head then runs on the scored rows
-alone, so neither model forms a (batch × tokens × vocabulary) logits tensor.
+Both models' LM heads run on the scored rows alone (`run` empties the head's input during the
+forward pass and keeps the final norm's output), so neither model forms a
+(batch × tokens × vocabulary) logits tensor.
 Every term is a sum over the step's scored rows divided by their number (`Terms`), so gradient
 accumulation over micro-batches of different sizes weighs every token alike.
 """
@@ -27,10 +28,7 @@ from torch import nn
 from ..architectures import Adapter, _walk
 from ..data import Batch
 from ..functional import scored_positions
-
-
-class _Stop(Exception):
-    """Ends a forward pass at the final norm: what follows (the LM head over every position) is not needed."""
+from .sharding import release
 
 
 @dataclass
@@ -42,7 +40,12 @@ class Outputs:
 
 
 def run(model: nn.Module, adapter: Adapter, inputs: dict[str, torch.Tensor], block_indices: Sequence[int] = ()) -> Outputs:
-    """Run ``model`` up to its final norm, keeping the outputs of blocks ``block_indices``."""
+    """Run ``model``, keeping its final norm's output and the outputs of blocks ``block_indices``.
+
+    The LM head is handed zero positions during the pass (a pre-hook), so the model's own logits
+    are empty; `head` later runs it on the scored rows. The forward pass itself runs to its end:
+    ending it early (an exception from a hook) would skip the post-forward hooks FSDP's sharded
+    modules rely on."""
     blocks = adapter.blocks(model)
     norm = _walk(model, adapter.block_path(model).rpartition(".")[0]).norm
     kept: dict[int, torch.Tensor] = {}
@@ -52,16 +55,17 @@ def run(model: nn.Module, adapter: Adapter, inputs: dict[str, torch.Tensor], blo
         # A copy (differentiable): the model's loop may add to a block's output in place (DeepStack).
         kept[index] = (output[0] if isinstance(output, tuple) else output).clone()
 
-    def stop(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    def remember(module: nn.Module, args: Any, output: torch.Tensor) -> None:
         final.append(output)
-        raise _Stop
+
+    def no_positions(module: nn.Module, args: tuple) -> tuple:
+        return (args[0][..., :0, :], *args[1:])
 
     handles = [blocks[i].register_forward_hook(partial(keep, i)) for i in block_indices]
-    handles.append(norm.register_forward_hook(stop))
+    handles.append(norm.register_forward_hook(remember))
+    handles.append(model.get_output_embeddings().register_forward_pre_hook(no_positions))
     try:
         model(**inputs, use_cache=False)
-    except _Stop:
-        pass
     finally:
         for handle in handles:
             handle.remove()
@@ -123,6 +127,7 @@ def terms(
     with torch.no_grad():
         reference = run(teacher, adapter, batch.inputs, kept if hidden_pairs else ())
         teacher_logp = F.log_softmax(head(teacher, adapter, reference.final[rows[:, 0], rows[:, 1]]), dim=-1)
+        release(teacher)
     mine = run(student, adapter, batch.inputs, range(len(kept)) if hidden_pairs else ())
     logits = head(student, adapter, mine.final[rows[:, 0], rows[:, 1]])
     logp = F.log_softmax(logits, dim=-1)

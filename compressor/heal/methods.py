@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -76,8 +76,9 @@ class Trainable:
 
     method: str
     parameters: list[nn.Parameter]
-    names: list[str]
+    names: list[str]  # what the user reads and checkpoints key on ("block 3.mlp.up_proj.weight", peft's names)
     blocks: list[int]  # original numbering; empty for the projector
+    paths: list[str] = field(default_factory=list)  # each parameter's name in model.named_parameters()
     projector: str | None = None
     lora: dict[str, Any] | None = None  # rank, alpha, the adapted module names
     peft_model: Any = None  # the peft wrapper while LoRA layers are in
@@ -87,14 +88,36 @@ class Trainable:
     def count(self) -> int:
         return sum(p.numel() for p in self.parameters)
 
+    @property
+    def sharded(self) -> bool:
+        """The parameters are FSDP shards (DTensors): `state` is then a collective every process calls."""
+        return bool(self.parameters) and _is_dtensor(self.parameters[0])
+
     def state(self) -> dict[str, torch.Tensor]:
-        """A copy of the trained parameters, on the CPU: the best weights seen wait there, not in GPU memory."""
-        return {name: p.detach().to("cpu", copy=True) for name, p in zip(self.names, self.parameters)}
+        """A copy of the trained parameters, on the CPU: the best weights seen wait there, not in GPU
+        memory. Sharded, each whole parameter is gathered from the processes (all of them call this)."""
+        return {name: _whole(p).to("cpu", copy=True) for name, p in zip(self.names, self.parameters)}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the trained parameters from whole values (`state`'s); a shard takes its own slice."""
         with torch.no_grad():
             for name, p in zip(self.names, self.parameters):
-                p.copy_(state[name])
+                p.copy_(_shard_like(state[name], p))
+
+    def local_copy(self) -> list[torch.Tensor]:
+        """This process's part of each trained parameter (all of it unless sharded), copied to the CPU."""
+        return [(p.to_local() if _is_dtensor(p) else p).detach().to("cpu", copy=True) for p in self.parameters]
+
+    def load_local(self, copies: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, value in zip(self.parameters, copies):
+                (p.to_local() if _is_dtensor(p) else p).copy_(value)
+
+    def rebind(self, model: nn.Module) -> None:
+        """Point at ``model``'s current parameter objects: sharding (FSDP) replaces every parameter
+        of a module with a new one holding this process's shard."""
+        current = dict(model.named_parameters())
+        self.parameters = [current[path] for path in self.paths]
 
     def record(self) -> dict[str, Any]:
         found: dict[str, Any] = {"parameters": self.count}
@@ -119,10 +142,15 @@ def prepare(model: nn.Module, adapter: Adapter, plan: SurgeryPlan, options: Heal
         path, module = find_projector(model)
         trainable.projector = path
         _train(module, trainable, prefix=path)
+        trainable.paths = list(trainable.names)
         trainable.described = f"the multimodal projector ({path})"
     elif options.method in ("distill", "full"):
         for original in blocks:
             _train(decoder[position[original]], trainable, prefix=f"block {original}")
+        path = adapter.block_path(model)
+        trainable.paths = [
+            f"{path}.{position[original]}.{name}" for original in blocks for name, _ in decoder[position[original]].named_parameters()
+        ]
         trainable.described = f"blocks {blocks} (original numbering)"
     else:
         trainable.peft_model, trainable.lora = _add_lora(model, adapter, [position[i] for i in blocks], options)
@@ -132,6 +160,7 @@ def prepare(model: nn.Module, adapter: Adapter, plan: SurgeryPlan, options: Heal
                 parameter.data = parameter.data.float()
                 trainable.parameters.append(parameter)
                 trainable.names.append(name)
+                trainable.paths.append(name)
         trainable.described = f"LoRA (rank {options.lora_rank}) on {len(trainable.lora['modules'])} linear layers of blocks {blocks}"
     return trainable
 
@@ -142,6 +171,29 @@ def _train(module: nn.Module, trainable: Trainable, *, prefix: str) -> None:
         parameter.data = parameter.data.float()
         trainable.parameters.append(parameter)
         trainable.names.append(f"{prefix}.{name}")
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter, gathered from the processes when it is a shard."""
+    return p.detach().full_tensor() if _is_dtensor(p) else p.detach()
+
+
+def _shard_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole parameter) laid out as ``p``: this process's shard of it when ``p`` is one
+    (cut locally, no communication: every process holds the same whole value)."""
+    if not _is_dtensor(p):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements, src_data_rank=None)
 
 
 def find_projector(model: nn.Module) -> tuple[str, nn.Module]:

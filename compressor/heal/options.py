@@ -59,6 +59,7 @@ class HealOptions:
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
     dtype: str = "auto"
+    fsdp: bool = False  # shard both models over the processes (`sharding`) instead of a whole copy on each
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -96,6 +97,13 @@ class HealOptions:
             found.append(f"--format '{self.text_format}' is not one of {', '.join(FORMATS)}")
         if self.dtype not in DTYPES:
             found.append(f"--dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
+        if self.fsdp and self.dtype == "float16":
+            found.append("--fsdp with --dtype float16: each process would check only its own shards for overflow; use bfloat16")
+        if self.fsdp and self.method == "projector":
+            found.append(
+                "--fsdp with --method projector: a batch without images leaves the projector out of one process's "
+                "backward pass and the others would wait for it; train the projector without --fsdp"
+            )
         if self.blocks is not None and self.method in ("distill", "projector"):
             found.append(f"--blocks chooses the blocks of --method full or lora; --method {self.method} trains {_TRAINS[self.method]}")
         return found

@@ -37,6 +37,7 @@ from .loop import Context, Curve, train
 from .methods import Trainable, chosen_blocks, merge, prepare
 from .options import HealOptions
 from .parallel import Team
+from .sharding import check_supported, shard
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,12 @@ def _heal_loaded(
     torch_device = resolve_device(device)
     compute = resolve_dtype(options.dtype, device=torch_device, auto="compute")
     name = str(compute).removeprefix("torch.")
-    teacher = load_model(pair.teacher, device=str(torch_device), dtype=name)
-    student = load_model(pair.student, device=str(torch_device), dtype=name)
+    if options.fsdp:
+        check_supported(compute, torch_device, team.distributed)
+    # Sharded, each process reads the models into host memory and keeps its shards on its device (`sharding.shard`).
+    load_device = "cpu" if options.fsdp else str(torch_device)
+    teacher = load_model(pair.teacher, device=load_device, dtype=name)
+    student = load_model(pair.student, device=load_device, dtype=name)
     check_vocabularies(student.processor, teacher.processor, pair)
     check_weights(student.model, teacher.model, pair)
     teacher.model.requires_grad_(False)
@@ -179,6 +184,10 @@ def _heal_loaded(
     trainable = prepare(student.model, pair.adapter, pair.plan, options)
     if options.gradient_checkpointing:
         student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.fsdp:
+        for model in (student.model, teacher.model):
+            shard(model, pair.adapter, torch_device, team.group.world_size)
+        trainable.rebind(student.model)
     inputs = {"student": _fingerprint(pair.student), "teacher": _fingerprint(pair.teacher), "data": data_sha, "kept": str(pair.plan.kept)}
     key = options.key(inputs)
     if not resume and team.is_main:
@@ -207,6 +216,9 @@ def _heal_loaded(
     # Rank 0 merges, writes and verifies; the others wait here for how it went (`Team.together`).
     with team.together("while writing the healed checkpoint"):
         if team.is_main:
+            if outcome.weights is not None:  # sharded: a plain student with the gathered weights is what gets written
+                student, trainable = _unsharded(pair, options, outcome.weights, dtype=name)
+                model = student.model
             checks_samples = (split.held_out or split.train)[:2]
             if trainable.lora:
                 model, merge_check = _merge_checked(trainable, student.model, student.processor, checks_samples)
@@ -237,6 +249,7 @@ def _heal_loaded(
                 "options": options.record(),
                 "device": torch_device.type,
                 "processes": team.group.world_size,  # data-parallel processes that trained
+                "sharded": options.fsdp,  # FSDP: each process held a shard of both models
                 "compute_dtype": name,
             }
             checks = write_healed(
@@ -268,6 +281,18 @@ def _heal_loaded(
         checks=checks,
         model=model,
     )
+
+
+def _unsharded(pair: Pair, options: HealOptions, weights: dict[str, torch.Tensor], *, dtype: str) -> tuple[Any, Trainable]:
+    """PRUNED loaded again, whole and on the CPU, with the trained parameters of a sharded run set
+    (LoRA layers added as in training, so the merge and its check run as in one process)."""
+    from ..loading import load_model
+
+    student = load_model(pair.student, device="cpu", dtype=dtype)
+    torch.manual_seed(options.seed)  # LoRA's initial A matrices; overwritten by `weights` next
+    trainable = prepare(student.model, pair.adapter, pair.plan, options)
+    trainable.load(weights)
+    return student, trainable
 
 
 def _merge_checked(trainable: Trainable, model: torch.nn.Module, processor: Any, samples: list) -> tuple[torch.nn.Module, Check]:
