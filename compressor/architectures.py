@@ -466,6 +466,12 @@ ADAPTERS: tuple[Adapter, ...] = (
         **_GEMMA4,
     ),
     Adapter(family="gemma4_text", architectures=("Gemma4ForCausalLM",), model_types=("gemma4_text",), **_LLAMA_LIKE, **_GEMMA4),
+    # -- text decoders: gemma2, phi3, mixtral --
+    # -- end of text decoders --
+    # -- LLaVA-like VLMs: llava_next, llava_onevision, mistral3, internvl, smolvlm --
+    # -- end of LLaVA-like VLMs --
+    # -- VLMs with block-tied rules: mllama, llama4, lfm2_vl, glm4v, glm4v_moe, glm46v, gemma3n --
+    # -- end of VLMs with block-tied rules --
 )
 
 

@@ -77,6 +77,15 @@ MULTIMODAL = frozenset(
     {"llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "gemma3", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma4"}
 )
 
+# More families, one module per group (tests/tiny_*.py): each names its builders (family ->
+# build(layers) -> (model, processor)), which of them are multimodal, and their image tokens per
+# 16x16 test image. The shared tests pick them up as they pick up the families above.
+from . import tiny_text, tiny_llava_like, tiny_vlm_more  # noqa: E402
+
+EXTRA_BUILDERS = {**tiny_text.BUILDERS, **tiny_llava_like.BUILDERS, **tiny_vlm_more.BUILDERS}
+FAMILIES = FAMILIES + tuple(EXTRA_BUILDERS)
+MULTIMODAL = MULTIMODAL | tiny_text.MULTIMODAL | tiny_llava_like.MULTIMODAL | tiny_vlm_more.MULTIMODAL
+
 # Image tokens per 16x16 calibration image, as each family's vision tower produces them:
 # LLaVA 16/4 squared patches; Qwen 24x24 (min_pixels) / patch 4 = 6x6 grid, merged 2x2 -> 9;
 # Idefics3 resized to 32, split into 2x2 crops of 16 plus the global image, 4 tokens each
@@ -87,6 +96,8 @@ IMAGE_TOKENS.update(dict.fromkeys(("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"), 9)
 # Gemma 4 resizes to its smallest patch budget (70 soft tokens x 2x2 pooling = 280 patches of 4x4):
 # 16x16 becomes 64x64, a 16x16 grid of patches pooled 2x2 -> 64.
 IMAGE_TOKENS["gemma4"] = 64
+for _group in (tiny_text, tiny_llava_like, tiny_vlm_more):
+    IMAGE_TOKENS.update(_group.IMAGE_TOKENS)
 
 # Each family's image placeholder in the chat template (CHAT_TEMPLATE writes LLaVA's "<image>").
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -505,6 +516,8 @@ def build_tiny(family: str, layers: int = 6, seed: int = 0, deepstack: int = 1):
         model, processor = _gemma3(layers)
     elif family in ("gemma4", "gemma4_text"):
         model, processor = _gemma4(family, layers)
+    elif family in EXTRA_BUILDERS:
+        model, processor = EXTRA_BUILDERS[family](layers)
     else:
         raise ValueError(family)
     model.config.architectures = [type(model).__name__]

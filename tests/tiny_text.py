@@ -1,0 +1,12 @@
+"""Tiny text-only families of issue 18 (gemma2, phi3, mixtral): random-weight models built from config objects, for the shared tests
+(tests/conftest.py registers them). Each builder takes the decoder's block count and returns
+(model in eval mode, processor or tokenizer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+BUILDERS: dict[str, Callable[[int], tuple[Any, Any]]] = {}
+MULTIMODAL: frozenset[str] = frozenset()
+IMAGE_TOKENS: dict[str, int] = {}  # image tokens per 16x16 test image, per multimodal family

@@ -1,0 +1,12 @@
+"""Tiny VLM families of issue 18 with block-tied rules (mllama, llama4, lfm2_vl, glm4v, glm4v_moe, glm46v, gemma3n): random-weight models built from config objects, for the shared tests
+(tests/conftest.py registers them). Each builder takes the decoder's block count and returns
+(model in eval mode, processor or tokenizer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+BUILDERS: dict[str, Callable[[int], tuple[Any, Any]]] = {}
+MULTIMODAL: frozenset[str] = frozenset()
+IMAGE_TOKENS: dict[str, int] = {}  # image tokens per 16x16 test image, per multimodal family
