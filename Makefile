@@ -75,6 +75,13 @@ bench-quality: install
 bench-heal: install
 	$(BIN)/python -m compressor.bench_heal $(ARGS)
 
+# Run-time visual-token reduction (compressor.runtime: SGL, FastV, random; SGL early exit; Skip-It bands)
+# on the demo models, the pruned one as SGL's guide, vs block removal: ~8 min for both tasks on one thread
+# (COMPRESSOR_THREADS=1) once the demo models are cached. ARGS=--smoke checks that it runs.
+.PHONY: bench-runtime
+bench-runtime: install
+	$(BIN)/python -m compressor.bench_runtime $(ARGS)
+
 # GPU figures in one table, < 8 min on one H200 (a random Qwen3-VL-8B in bf16): no venv and no install,
 # the GPU machine's own python3 and CUDA torch; pydantic travels as wheels (compressor/bench_gpu.py).
 # `make bench-gpu PYTHON=.venv/bin/python ARGS=--smoke`: the same code at tiny shapes on a CPU, in seconds.

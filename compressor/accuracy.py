@@ -58,6 +58,13 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def match(expected: str, prediction: str) -> tuple[bool, bool]:
+    """(exact, contains): the normalised prediction equals the normalised answer, or holds it as
+    whole words. The one definition of a correct answer, for every figure that scores answers."""
+    expected, got = normalize_answer(expected), normalize_answer(prediction)
+    return got == expected, bool(expected) and re.search(rf"\b{re.escape(expected)}\b", got) is not None
+
+
 @dataclass
 class AccuracyRecord:
     prompt: str
@@ -127,15 +134,15 @@ def answer_accuracy(
     )
     result = AccuracyResult()
     for sample, prediction in zip(labelled, predictions):
-        expected, got = normalize_answer(sample.answer or ""), normalize_answer(prediction)
+        exact, contains = match(sample.answer or "", prediction)
         result.records.append(
             AccuracyRecord(
                 prompt=sample.prompt,
                 image=sample.image.name if sample.image else None,  # the report is published: no local path
                 answer=sample.answer or "",
                 prediction=prediction,
-                exact=got == expected,
-                contains=bool(expected) and re.search(rf"\b{re.escape(expected)}\b", got) is not None,
+                exact=exact,
+                contains=contains,
             )
         )
     return result

@@ -799,7 +799,41 @@ def export_onnx_command(
 @click.option("--min-top1-agreement", type=click.FloatRange(0, 1), help="Gate: share of scored positions where both models agree on top-1.")
 @click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: median speedup over the latency workloads.")
 @click.option(
-    "--recipe", type=click.Path(path_type=Path), help="Take gates from this recipe's validate: [the pruned folder's recipe.yaml]."
+    "--max-runtime-accuracy-drop",
+    type=click.FloatRange(0, 1),
+    help="Gate: the base model's exact-match drop under the run-time modes vs plain, 0.05 = 5 points (needs a run-time mode).",
+)
+@click.option(
+    "--visual-keep",
+    type=float,
+    metavar="R",
+    help="Run-time mode: keep this share of image tokens, in (0, 1], from --visual-cut/--visual-depth on (FastV, SGL) "
+    "[recipe's runtime.keep].",
+)
+@click.option("--visual-cut", type=int, metavar="K", help="First block where image tokens are pruned, original numbering.")
+@click.option("--visual-depth", type=float, metavar="F", help="The cut as a fraction of the depth, in [0, 1).")
+@click.option(
+    "--ranking",
+    type=click.Choice(["self", "guide", "random"]),
+    help="Which image tokens --visual-keep keeps: by the model's attention (self, FastV), the guide's (SGL), or at random [self].",
+)
+@click.option(
+    "--guide",
+    metavar="MODEL|pruned",
+    help="SGL guide for --ranking guide and --early-exit: 'pruned' (the pruned checkpoint guides the original) or a model "
+    "of the same family and tokenizer.",
+)
+@click.option("--early-exit", type=float, metavar="T", help="Run-time mode: SGL early exit at guide confidence T, in (0, 1].")
+@click.option(
+    "--visual-band",
+    metavar="A-B",
+    help="Run-time mode: image tokens take part only in blocks A..B (Skip-It), inclusive, original numbering.",
+)
+@click.option("--no-runtime", is_flag=True, help="Ignore the recipe's runtime: section (run-time modes only from the flags).")
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path),
+    help="Take gates (and run-time modes) from this recipe's validate: (and runtime:) [the pruned folder's recipe.yaml].",
 )
 @click.option(
     "--allow-no-gates", is_flag=True, help="Exit 0 when no gate is set (the verdict still says NO-GATES, never PASS). Off: exit 1."
@@ -848,6 +882,15 @@ def validate_command(
     max_kl: float | None,
     min_top1_agreement: float | None,
     min_speedup: float | None,
+    max_runtime_accuracy_drop: float | None,
+    visual_keep: float | None,
+    visual_cut: int | None,
+    visual_depth: float | None,
+    ranking: str | None,
+    guide: str | None,
+    early_exit: float | None,
+    visual_band: str | None,
+    no_runtime: bool,
     recipe: Path | None,
     allow_no_gates: bool,
     no_recipe_gates: bool,
@@ -870,9 +913,13 @@ def validate_command(
 ) -> None:
     """Compare a pruned model with its original: accuracy, perplexity, fidelity, latency.
 
+    With --visual-keep, --visual-band or --early-exit (or a recipe's runtime: section) the report
+    also measures those run-time visual-token modes against plain generation.
+
     Exit 1 when a gate fails or when no gate was set (unless --allow-no-gates); 2 when a gate
     cannot be evaluated on the data (checked before the models load)."""
-    from .validate import TASKS, Gates, thresholds_from_recipe, validate
+    from .validate import TASKS, Gates, runtime_from_recipe, thresholds_from_recipe, validate
+    from .validate_runtime import runtime_request
 
     pruned_dir = Path(pruned)
     if no_recipe_gates and recipe:
@@ -884,6 +931,19 @@ def validate_command(
         max_kl=max_kl,
         min_top1_agreement=min_top1_agreement,
         min_speedup=min_speedup,
+        max_runtime_accuracy_drop=max_runtime_accuracy_drop,
+    )
+    section, section_file = (None, None) if no_runtime else runtime_from_recipe(pruned_dir, recipe)
+    runtime = runtime_request(
+        section,
+        recipe=section_file,
+        keep=visual_keep,
+        cut=visual_cut,
+        depth=visual_depth,
+        ranking=ranking,
+        guide=guide,
+        early_exit=early_exit,
+        band=visual_band,
     )
     latency_options = {"new_tokens": new_tokens, "repeats": repeats}
     if prompt_lengths:
@@ -908,6 +968,7 @@ def validate_command(
         allow_outside_data=allow_outside_data,
         trust_remote_code=trust_remote_code,
         text_format=text_format,
+        runtime=runtime,
     )
     log.info("%s\nreport: %s/report.{json,md,html}", result.report["verdict"]["summary"], result.out_dir)
     click.echo(result.verdict_line())
@@ -979,9 +1040,88 @@ def demo_command(output: Path, recipe: Path | None, retrain: bool, overwrite: bo
     click.echo(summary.verdict_line)
 
 
+@cli.command("generate")
+@click.argument("model")
+@click.option("--prompt", required=True, help="The question, sent through MODEL's chat template as `validate` asks its questions.")
+@click.option("--image", type=click.Path(path_type=Path), help="The image the prompt is about (vision-language models).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--visual-keep", type=float, metavar="R", help="Share of image tokens that take part from the cut on, in (0, 1]. [1: every one]"
+)
+@click.option(
+    "--visual-cut",
+    type=int,
+    metavar="K",
+    help="The first block where only --visual-keep of them take part (0-based; negative from the end).",
+)
+@click.option("--visual-depth", type=float, metavar="F", help="The cut as a fraction of the depth, in [0, 1): block floor(F x blocks).")
+@click.option(
+    "--ranking",
+    type=click.Choice(["self", "guide", "random"]),
+    help="Which image tokens --visual-keep keeps: self (FastV: MODEL's attention at the block before the cut), "
+    "guide (SGL: the --guide model's attention), random. [self]",
+)
+@click.option(
+    "--self-queries",
+    type=click.Choice(["text", "last"]),
+    help="For --ranking self: the attention of every text token, or of the last prompt token. [text]",
+)
+@click.option("--seed", type=int, help="For --ranking random. [0]")
+@click.option(
+    "--guide",
+    metavar="GUIDE_MODEL",
+    help="SGL's small guide (e.g. the pruned checkpoint of MODEL: same family and tokenizer), for --ranking guide and --early-exit.",
+)
+@click.option(
+    "--early-exit",
+    type=float,
+    metavar="T",
+    help="SGL: return the guide's answer, MODEL skipped, when the guide's confidence is at least T in (0, 1] "
+    "and its answer stays the same with 5% of the image tokens.",
+)
+@click.option(
+    "--visual-band",
+    metavar="A-B",
+    help="Skip-It: image tokens take part only in blocks A..B (0-based, inclusive; negative from the end: 2--1).",
+)
+@click.option(
+    "--band-from",
+    type=click.Path(path_type=Path),
+    metavar="CALIBRATION.json",
+    help="Skip-It: choose the band from MODEL's calibration report (`compressor calibrate`), by --band-where.",
+)
+@click.option(
+    "--band-where",
+    multiple=True,
+    metavar="CONDITION",
+    help="With --band-from: image tokens are redundant in a block where every condition holds; the band is the smallest "
+    "span of blocks holding every other block. A condition is written as a recipe's select.where entry, as KEY=VALUE "
+    "pairs: 'metric=block_influence,modality=image,below=0.05' (metric, modality, below or above, epsilon). Repeatable.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the same facts instead of text.")
+@_device_options
+@_trust_option
+@_verbosity
+def generate_command(model: str, as_json: bool, **kwargs: Any) -> None:
+    """Answer --prompt (about --image) with MODEL, greedily, optionally with fewer image tokens at run time.
+
+    Prints the answer, the image tokens that took part in each block, the guide's confidence and
+    whether the early exit fired, and a FLOPs estimate (decoder blocks) against the plain model.
+    Without visual options this is MODEL's own greedy answer, as `validate` generates it."""
+    import json
+
+    from .runtime import Request, answer
+
+    mapping = {"visual_keep": "keep", "visual_cut": "cut", "visual_depth": "depth", "visual_band": "band"}
+    fields = {mapping.get(key, key): value for key, value in kwargs.items()}
+    fields["band_where"] = tuple(fields["band_where"])
+    result = answer(Request(model=model, **fields))
+    click.echo(json.dumps(result.to_dict()) if as_json else result.describe())
+
+
 @cli.group("arch")
 def arch_group() -> None:
-    """Supported model families."""
+    """Model families: the supported ones and their rules, and a proposed adapter for another."""
 
 
 @arch_group.command("list")

@@ -852,13 +852,31 @@ def run(
             from .data import load_samples
 
             load_samples(heal_data, allow_outside=allow_outside_data)
+        runtime = None
         if eval_data is not None:  # checked now, not after calibrating and pruning: the data, and that it can evaluate every gate
             from .data import load_samples
             from .validate import TASKS, Gates, check_gates
+            from .validate_runtime import check_data, runtime_request
 
-            given = validate_options or {}
+            given = dict(validate_options or {})
             samples = load_samples(eval_data, limit=given.get("num_samples"), allow_outside=allow_outside_data)
-            check_gates(Gates.from_thresholds(thresholds), samples, tasks=given.get("tasks", TASKS), latency=given.get("latency", True))
+            # The recipe's runtime: modes (validate_options["runtime"], a `RuntimeRequest`, replaces them).
+            runtime = given.get("runtime") or runtime_request(recipe_file.recipe.runtime, recipe=recipe_file.path.name)
+            check_gates(
+                Gates.from_thresholds(thresholds),
+                samples,
+                tasks=given.get("tasks", TASKS),
+                latency=given.get("latency", True),
+                runtime=runtime is not None,
+            )
+            if runtime is not None:
+                check_data(runtime, samples)
+                if runtime.band_where is not None and not recipe_file.recipe.needs_calibration:
+                    raise InputError(
+                        f"runtime.band_where chooses the band from the calibration report, and recipe '{recipe_file.path.name}' "
+                        f"selects blocks without calibrating (op {recipe_file.recipe.select.op}).",
+                        fix="give the band itself (runtime.band: [first, last]), or select blocks by a metric.",
+                    )
         loaded = _load(source, device, dtype, placement)
         with staged_dir(out, overwrite=overwrite, sources=[source.path, data_path, eval_data, heal_data, recipe_file.path]) as staging:
             report = _obtain_report(loaded, recipe_file, inputs, options=options, progress=progress)
@@ -912,6 +930,6 @@ def run(
                 device=device,
                 dtype=dtype,
                 allow_outside_data=allow_outside_data,
-                **(validate_options or {}),
+                **{**(validate_options or {}), "runtime": runtime},
             )
     return result

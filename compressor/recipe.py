@@ -202,6 +202,49 @@ class ValidateThresholds(_Strict):
     max_kl: float | None = Field(None, ge=0, description="mean KL(base || pruned) over every scored position")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="share of positions where both models agree")
     min_speedup: float | None = Field(None, gt=0)
+    max_runtime_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="the original's exact-match drop under the runtime: modes vs plain"
+    )
+
+
+class RuntimeSection(_Strict):
+    """Run-time visual-token modes (`compressor.runtime`) that `compressor validate` (and so
+    `compressor run`) measures on the answered samples besides plain generation, for the original
+    model and the pruned one; validate's --visual-keep, --visual-cut, --visual-depth, --ranking,
+    --guide, --early-exit and --visual-band override these fields. Blocks are 0-based in the
+    original numbering (negatives count from the end), as everywhere in a recipe."""
+
+    keep: float = Field(1.0, gt=0, le=1, description="share of image tokens kept from the cut on; 1.0 prunes none")
+    cut: int | None = Field(None, description="first block where image tokens are pruned")
+    depth: float | None = Field(None, ge=0, lt=1, description="the cut as a fraction of the depth (block floor(depth * L))")
+    ranking: Literal["guide", "self", "random"] = "self"
+    self_queries: Literal["last", "text"] = "text"
+    seed: int = Field(0, description="for ranking: random")
+    band: list[int] | None = Field(None, min_length=2, max_length=2, description="[first, last]: image tokens take part only there")
+    band_where: list[Condition] | None = Field(
+        None, min_length=1, description="Skip-It: the band holds every block where these conditions do not all hold for image tokens"
+    )
+    early_exit: float | None = Field(None, gt=0, le=1, description="SGL: the guide answers when its confidence reaches this")
+    consistency_keep: float = Field(0.05, gt=0, le=1, description="share of image tokens of SGL's consistency check")
+    guide: Literal["pruned"] | None = Field(None, description="'pruned': the pruned checkpoint guides the original (SGL)")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Any:
+        if self.cut is not None and self.depth is not None:
+            raise ValueError("give one of 'cut' or 'depth': both say where image tokens start being pruned")
+        if self.keep < 1 and self.cut is None and self.depth is None:
+            raise ValueError(f"keep = {self.keep:g} prunes image tokens from some block on: give 'cut' (a block) or 'depth' (a fraction)")
+        if self.band is not None and self.band_where is not None:
+            raise ValueError("give one of 'band' or 'band_where': both say where image tokens take part")
+        if self.band is not None and (self.band[0] < 0) == (self.band[1] < 0) and self.band[0] > self.band[1]:
+            raise ValueError(f"band {self.band}: its first block comes after its last (an empty band); write [first, last]")
+        needs = self.early_exit is not None or (self.keep < 1 and self.ranking == "guide")
+        if needs and self.guide is None:
+            what = "early_exit" if self.early_exit is not None else "ranking: guide"
+            raise ValueError(f"{what} needs a guide model: add 'guide: pruned' (the pruned checkpoint guides the original, as in SGL)")
+        if self.guide is not None and not needs:
+            raise ValueError("'guide' is read only by 'ranking: guide' with keep < 1, and by 'early_exit': drop it or set one of them")
+        return self
 
 
 class ExportOptions(_Strict):
@@ -272,6 +315,7 @@ class Recipe(_Strict):
     thresholds: ValidateThresholds | None = Field(None, alias="validate")
     export: ExportOptions = ExportOptions()
     heal: HealSection | None = None
+    runtime: RuntimeSection | None = None
 
     @property
     def needs_calibration(self) -> bool:

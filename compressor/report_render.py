@@ -241,6 +241,77 @@ def _accuracy(report: dict[str, Any]) -> Section | None:
     return section if section.tables or section.notes else None
 
 
+def _runtime(report: dict[str, Any]) -> Section | None:
+    """The run-time visual-token modes (`validate_runtime`): present only when they were asked for."""
+    runtime = report.get("runtime")
+    if not runtime:
+        return None
+    section = Section("Run-time modes")
+    section.paragraphs.append(f"Options: `{runtime.get('flags')}` (from {runtime.get('origin')}).")
+    choice = runtime.get("band_choice")
+    if choice:
+        band = choice.get("band") or [None, None]
+        redundant = [str(i) for i, r in enumerate(choice.get("redundant") or []) if r]
+        section.paragraphs.append(
+            f"Band chosen from the calibration report: image tokens take part in blocks **{band[0]}..{band[1]}**; "
+            f"redundant by {choice.get('criterion')}: {', '.join(redundant) or 'none'}."
+        )
+    rows, skipped = [], []
+    for name, figures in (runtime.get("models") or {}).items():
+        if not figures.get("measured"):
+            skipped.append(f"{name}: {figures.get('why')}")
+            continue
+        options = figures.get("options") or {}
+        blocks = [f"cut {options['cut']}" if options.get("cut") is not None else None]
+        blocks.append(f"band {options['band'][0]}..{options['band'][1]}" if options.get("band") else None)
+        kept, images = figures.get("kept_per_block"), figures.get("image_tokens")
+        rows.append(
+            [
+                name,
+                ", ".join(b for b in blocks if b) or DASH,
+                _num(figures.get("n")),
+                _pct(figures.get("plain_accuracy")),
+                _pct(figures.get("accuracy")),
+                _points(_difference(figures.get("plain_accuracy"), figures.get("accuracy"))),
+                _pct(figures.get("same_answer"), 0),
+                _pct(figures.get("early_exit_rate"), 0),
+                f"{_num(kept, 3)} / {_num(images, 3)}" if kept is not None else DASH,
+                _pct(figures.get("flops_ratio")),
+                _pct(figures.get("flops_ratio_vs_base")),
+                figures.get("guide") or DASH,
+            ]
+        )
+    if rows:
+        headers = [
+            "model",
+            "blocks",
+            "n",
+            "plain",
+            "with mode",
+            "change",
+            "same answer",
+            "early exit",
+            "image tokens kept / block",
+            "FLOPs vs plain",
+            "FLOPs vs base plain",
+            "guide",
+        ]
+        section.tables.append(("Exact match on the answered samples, one prompt at a time, greedy", Table(headers, rows, "llrrrrrrrrrl")))
+    if skipped:
+        section.notes.append("Not measured: " + "; ".join(skipped) + ".")
+    section.notes.append(
+        "blocks: the cut and band in that model's own numbering (the options give the original's). image tokens kept / block: "
+        "mean over blocks and over the samples the model answered itself, of the image tokens in the prompt. FLOPs: estimate "
+        "over the decoder blocks (2·params·tokens + attention), each generation at its own length; the mode's cost includes the "
+        "guide's generation and SGL's consistency check, not the ranking read-outs or the vision tower."
+    )
+    return section
+
+
+def _difference(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
 def _workload(entry: dict[str, Any], key: str) -> str:
     if "batch_size" not in entry:
         return key
@@ -406,7 +477,7 @@ def _environment(report: dict[str, Any]) -> Section | None:
 def sections(report: dict[str, Any]) -> list[Section]:
     """The report's content, in reading order: verdict first, environment last."""
     title = Section(f"Validation report: `{_get(report, 'models', 'pruned', 'ref') or 'pruned model'}`", level=1)
-    builders = (_verdict, _models, _accuracy, _latency, _redundancy, _environment)
+    builders = (_verdict, _models, _accuracy, _runtime, _latency, _redundancy, _environment)
     return [title, *(s for s in (build(report) for build in builders) if s is not None)]
 
 

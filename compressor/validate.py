@@ -15,6 +15,11 @@ Gates read the figures the data can give: accuracy gates need labelled samples, 
 perplexity gate prompt-only text, fidelity gates any sample, the speedup gate latency. A
 requested gate the data cannot evaluate is an input error before any model loads, and a
 run that evaluated no gate never passes: its verdict is NO-GATES.
+
+Asked for run-time visual-token modes (`RuntimeRequest`: validate's --visual-* flags or a
+recipe's ``runtime:`` section), the report gains a ``runtime`` section: the original model (and
+the pruned one) with the mode vs plain on the answered samples (`validate_runtime`). Without
+them the report has no such key.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape, quoteattr
 
 from . import accuracy as scoring
+from . import validate_runtime as runtime_checks
 from .accuracy import FORMATS, Format, is_text
 from .data import load_samples
 from .errors import InputError
@@ -40,6 +46,10 @@ from .recipe import load_recipe
 from .report_render import write_html, write_markdown
 from .staging import check_output, output_lock, staged_dir, staged_file
 from .surgery import count_parameters
+from .validate_runtime import RuntimeRequest
+
+if TYPE_CHECKING:
+    from .recipe import Recipe, RuntimeSection
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +78,9 @@ class Gates:
     at most 10 % above the base's); ``max_kl`` bounds the mean KL(base ‖ pruned) and
     ``min_top1_agreement`` the share of positions where both models rank the same token
     first; ``min_speedup`` holds when the median speedup over the measured workloads (each
-    prefill and decode setting) reaches it.
+    prefill and decode setting) reaches it. ``max_runtime_accuracy_drop`` bounds the original
+    model's exact-match drop under the run-time modes vs plain generation (absolute; needs a
+    run-time mode: the pruned checkpoint is gated by the others).
     """
 
     max_accuracy_drop: float | None = None
@@ -77,6 +89,7 @@ class Gates:
     max_kl: float | None = None
     min_top1_agreement: float | None = None
     min_speedup: float | None = None
+    max_runtime_accuracy_drop: float | None = None
 
     @classmethod
     def from_thresholds(cls, thresholds: Any) -> Gates:
@@ -199,6 +212,16 @@ def evaluate_gates(report: dict[str, Any], gates: Gates) -> dict[str, Any]:
             else "no latency was measured"
         )
         results.append(_gate("min_speedup", ">=", gates.min_speedup, typical, detail, "latency"))
+    if gates.max_runtime_accuracy_drop is not None:
+        runtime = (report.get("runtime") or {}).get("models", {}).get("base") or {}
+        drop = runtime.get("accuracy_drop")
+        detail = (
+            f"base exact match {runtime['plain_accuracy']:.1%} plain -> {runtime['accuracy']:.1%} with "
+            f"{report['runtime']['flags']}: drop {drop * 100:.1f} points (max {gates.max_runtime_accuracy_drop * 100:.1f})"
+            if drop is not None
+            else "no run-time mode was measured"
+        )
+        results.append(_gate("max_runtime_accuracy_drop", "<=", gates.max_runtime_accuracy_drop, drop, detail, "runtime"))
     evidence = report.get("evidence") or {}
     weak = [name for name, figure in evidence.items() if figure["weak"]]
     for gate in results:
@@ -219,7 +242,7 @@ def evaluate_gates(report: dict[str, Any], gates: Gates) -> dict[str, Any]:
     return {"status": status, "passed": status == "PASS", "summary": summary, "gates": results, "weak_evidence": weak}
 
 
-def evidence(accuracy: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def evidence(accuracy: dict[str, Any], runtime: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Per figure of the report: the samples (and scored positions) behind it, and whether
     that is weak (fewer than MIN_SAMPLES samples or MIN_POSITIONS positions)."""
     tasks, found = accuracy["tasks"], {}
@@ -230,6 +253,8 @@ def evidence(accuracy: dict[str, Any]) -> dict[str, dict[str, Any]]:
         found["perplexity"] = _strength(tasks["perplexity"]["n"], tasks["perplexity"]["tokens"])
     if accuracy.get("fidelity"):
         found["fidelity"] = _strength(accuracy["fidelity"]["n_samples"], accuracy["fidelity"]["n_positions"])
+    if runtime is not None:
+        found["runtime"] = _strength(runtime["models"]["base"]["n"])
     return found
 
 
@@ -296,12 +321,25 @@ def write_junit(report: dict[str, Any], path: Path | str) -> None:
 
 def thresholds_from_recipe(pruned_dir: Path, recipe: Path | str | None) -> Gates:
     """The recipe's `validate:` section: an explicit --recipe, else the one exported with the model."""
-    path = Path(recipe) if recipe else pruned_dir / "recipe.yaml"
+    found = _recipe_of(pruned_dir, recipe)
+    return Gates.from_thresholds(found.thresholds) if found is not None else Gates()
+
+
+def runtime_from_recipe(pruned_dir: Path, recipe: Path | str | None) -> tuple[RuntimeSection | None, str | None]:
+    """The recipe's `runtime:` section (from the same recipe as the gates) and the recipe's file name."""
+    found = _recipe_of(pruned_dir, recipe)
+    if found is None or found.runtime is None:
+        return None, None
+    return found.runtime, (Path(recipe) if recipe else pruned_dir / "recipe.yaml").name
+
+
+def _recipe_of(pruned_dir: Path, recipe: Path | str | None) -> Recipe | None:
+    path = Path(recipe) if recipe else Path(pruned_dir) / "recipe.yaml"
     if not path.is_file():
         if recipe:
             raise InputError(f"Recipe '{recipe}' does not exist.", fix="pass an existing recipe or drop --recipe.")
-        return Gates()
-    return Gates.from_thresholds(load_recipe(path).recipe.thresholds)
+        return None
+    return load_recipe(path).recipe
 
 
 def data_kinds(samples: list[Any]) -> dict[str, int]:
@@ -314,8 +352,9 @@ def data_kinds(samples: list[Any]) -> dict[str, int]:
     }
 
 
-def check_gates(gates: Gates, samples: list[Any], *, tasks: tuple[str, ...] = TASKS, latency: bool = True) -> None:
-    """Refuse, before any model loads, every requested gate these samples and options cannot evaluate."""
+def check_gates(gates: Gates, samples: list[Any], *, tasks: tuple[str, ...] = TASKS, latency: bool = True, runtime: bool = False) -> None:
+    """Refuse, before any model loads, every requested gate these samples and options cannot
+    evaluate (``runtime``: whether run-time modes are measured)."""
     kinds = data_kinds(samples)
     problems = []
     accuracy_gates = [name for name in ("max_accuracy_drop", "max_relative_drop") if getattr(gates, name) is not None]
@@ -333,6 +372,11 @@ def check_gates(gates: Gates, samples: list[Any], *, tasks: tuple[str, ...] = TA
             problems.append(f"{_flag(name)} needs the fidelity task")
     if gates.min_speedup is not None and not latency:
         problems.append(f"{_flag('min_speedup')} needs latency measurements (drop --no-latency)")
+    if gates.max_runtime_accuracy_drop is not None and not runtime:
+        problems.append(
+            f"{_flag('max_runtime_accuracy_drop')} needs a run-time mode (--visual-keep, --visual-band, --early-exit, "
+            "or a recipe's runtime: section)"
+        )
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         held = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in kinds.items())
@@ -368,17 +412,22 @@ def validate(
     allow_outside_data: bool = False,
     trust_remote_code: bool = False,
     text_format: Format = "auto",
+    runtime: RuntimeRequest | None = None,
 ) -> ValidationResult:
     """Compare ``pruned_ref`` with ``base_ref`` and write report.json/.md/.html into ``out_dir``.
 
-    Every gate in ``gates`` is checked against the data (`check_gates`) before a model loads.
+    Every gate in ``gates`` is checked against the data (`check_gates`) before a model loads, as
+    are the ``runtime`` modes (`validate_runtime`; the report's ``runtime`` section).
     ``text_format`` lays out the samples (`accuracy.Format`; perplexity is always raw text).
     With a ``placement`` device map, both models are spread the same way (models bigger than
     one GPU); latency is then that of the spread model, inputs entering at its first device."""
     out_dir = Path(out_dir)
     base_source = base_ref if isinstance(base_ref, ModelSource) else resolve_model_ref(base_ref, trust_remote_code=trust_remote_code)
     pruned_source = resolve_model_ref(str(pruned_ref), trust_remote_code=trust_remote_code)
-    sources = [base_source.path, pruned_source.path, data]
+    guide_source = _guide_source(runtime, trust_remote_code)
+    if guide_source is not None and guide_source.path == pruned_source.path:  # --guide PRUNED_DIR: the pruned checkpoint
+        runtime, guide_source = replace(runtime, guide=runtime_checks.PRUNED_GUIDE), None
+    sources = [base_source.path, pruned_source.path, data, guide_source.path if guide_source else None]
     check_output(out_dir, overwrite=overwrite, sources=sources)
     if junit:
         check_output(junit, overwrite=overwrite, sources=sources)
@@ -389,7 +438,11 @@ def validate(
         raise InputError(f"Unknown text format '{text_format}'.", fix=f"use one of: {', '.join(FORMATS)}.")
     with output_lock(out_dir):  # held while both models are evaluated: a second writer fails now, not at the end
         samples = load_samples(data, limit=num_samples, allow_outside=allow_outside_data)
-        check_gates(gates, samples, tasks=tasks, latency=latency)
+        check_gates(gates, samples, tasks=tasks, latency=latency, runtime=runtime is not None)
+        band_choice = None
+        if runtime is not None:
+            runtime_checks.check_data(runtime, samples)
+            runtime, band_choice = runtime_checks.choose(runtime, pruned_source.path)
         base = load_model(base_source, device=device, dtype=dtype, placement=placement)
         pruned = load_model(pruned_source, device=device, dtype=dtype, placement=placement)
         if base.adapter.family != pruned.adapter.family:
@@ -400,7 +453,15 @@ def validate(
         removed = _removed_blocks(
             pruned.source.path, base.adapter.num_blocks(base.model.config), pruned.adapter.num_blocks(pruned.model.config)
         )
+        runs = None
+        if runtime is not None:  # every check before the first sample is scored
+            guide = load_model(guide_source, device=device, dtype=dtype, placement=placement) if guide_source else None
+            runs = runtime_checks.plan_runs(runtime, band_choice, base, pruned, guide, removed, samples, text_format)
         accuracy = _accuracy(base, pruned, samples, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens, text_format=text_format)
+        runtime_report = None
+        if runs is not None:
+            measured = runtime_checks.measure(runs, samples, max_new_tokens=max_new_tokens, text_format=text_format)
+            runtime_report = runtime_checks.section(runtime, band_choice, measured)
         latency_report = None
         if latency:
             options = {"samples": [s for s in samples if s.image is not None][:4] or None, **(latency_options or {})}
@@ -421,7 +482,8 @@ def validate(
             "data": {"path": Path(data).name, "num_samples": len(samples), "kinds": data_kinds(samples), "format": text_format},
             "gates": gates.active,
             "accuracy": accuracy,
-            "evidence": evidence(accuracy),
+            "evidence": evidence(accuracy, runtime_report),
+            **({"runtime": runtime_report} if runtime_report is not None else {}),
             "latency": latency_report,
             "calibration": json.loads(calibration_file.read_text()) if calibration_file.is_file() else None,
             "environment": {
@@ -439,6 +501,16 @@ def validate(
             with staged_file(junit, overwrite=overwrite, sources=sources) as staging_file:
                 write_junit(report, staging_file)
         return ValidationResult(report=report, out_dir=out_dir.resolve())
+
+
+def _guide_source(runtime: RuntimeRequest | None, trust_remote_code: bool) -> ModelSource | None:
+    """The guide model to load: None without one, or when the pruned checkpoint is the guide."""
+    if runtime is None or runtime.guide is None or runtime.guide == runtime_checks.PRUNED_GUIDE:
+        return None
+    try:
+        return resolve_model_ref(runtime.guide, trust_remote_code=trust_remote_code)
+    except InputError as error:
+        raise InputError(f"{runtime_checks.option_name('guide')}: {error.message}", fix=error.fix) from None
 
 
 def _describe(loaded: Any) -> dict[str, Any]:

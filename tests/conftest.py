@@ -80,7 +80,7 @@ MULTIMODAL = frozenset(
 # More families, one module per group (tests/tiny_*.py): each names its builders (family ->
 # build(layers) -> (model, processor)), which of them are multimodal, and their image tokens per
 # 16x16 test image. The shared tests pick them up as they pick up the families above.
-from . import tiny_text, tiny_llava_like, tiny_vlm_more  # noqa: E402
+from . import tiny_llava_like, tiny_text, tiny_vlm_more  # noqa: E402
 
 EXTRA_BUILDERS = {**tiny_text.BUILDERS, **tiny_llava_like.BUILDERS, **tiny_vlm_more.BUILDERS}
 FAMILIES = FAMILIES + tuple(EXTRA_BUILDERS)
