@@ -75,7 +75,8 @@ def generate(
     length = inputs["input_ids"].shape[1]
     guide_run, guide_ranking = None, None
     if guide is not None:  # `resolve` refused a guide that nothing uses
-        guide_run, guide_ranking = _run_guide(guide, inputs, images, options, max_new_tokens)
+        ranks = resolved.cut is not None and options.ranking == "guide"
+        guide_run, guide_ranking = _run_guide(guide, inputs, images, options, max_new_tokens, rank=ranks)
         if guide_run.consistent:
             return Generation(
                 tokens=guide_run.decoded.tokens,
@@ -132,20 +133,28 @@ def plan(
 
 
 def _run_guide(
-    guide: Guide, inputs: dict[str, torch.Tensor], images: torch.Tensor, options: RuntimeOptions, max_new_tokens: int
-) -> tuple[GuideRun, torch.Tensor]:
-    """The guide's plain answer and its SGL ranking of the image tokens; with an early-exit threshold
-    that its confidence reaches, the consistency check: the guide pruned at block 0 to its own top
-    ``consistency_keep`` image tokens must give the same answer tokens."""
+    guide: Guide,
+    inputs: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    options: RuntimeOptions,
+    max_new_tokens: int,
+    *,
+    rank: bool,
+) -> tuple[GuideRun, torch.Tensor | None]:
+    """The guide's plain answer and its SGL ranking of the image tokens (when ``rank``, or when the
+    consistency check needs it: the ranking is a second, eager pass over prompt and answer); with
+    an early-exit threshold that its confidence reaches, the consistency check: the guide pruned
+    at block 0 to its own top ``consistency_keep`` image tokens must give the same answer tokens."""
     adapter = adapter_for_model(guide.model)
     num_blocks = len(adapter.blocks(guide.model))
     length = inputs["input_ids"].shape[1]
     plain = Participation.everything(length, num_blocks)
     decoded = greedy(guide.model, adapter, inputs, plain, max_new_tokens=max_new_tokens)
-    scores = guide_scores(guide.model, adapter, inputs, decoded.tokens, images)
     confidence = decoded.confidence
+    confident = options.early_exit is not None and confidence >= options.early_exit
+    scores = guide_scores(guide.model, adapter, inputs, decoded.tokens, images) if rank or confident else None
     consistent = None
-    if options.early_exit is not None and confidence >= options.early_exit:
+    if confident:
         kept = top(images, scores, options.consistency_keep)
         pruned = build(length, images, [kept] * num_blocks)
         check = greedy(guide.model, adapter, inputs, pruned, max_new_tokens=max_new_tokens)
