@@ -23,6 +23,13 @@ changes), so a saved or hand-written plan is held to the same rules.
   run is the last block alone (Gemma 4: the block before it slides), removing it breaks the rule
   unless a whole stretch of sliding blocks goes with it, so it is also fixed outright; a longer
   run can lose all but one of its blocks, which the planner allows and no further.
+- Fixed lists (``Adapter.fixed_lists``, Mllama's ``cross_attention_layers``): the blocks a config
+  list names are of another kind than the rest (cross-attention blocks, where the image enters
+  the decoder) and are fixed; the list is renumbered for the kept blocks (``Adapter.index_lists``).
+- First block (``Adapter.fixed_first``): transformers' cache reads the cached length from block 0,
+  so where some blocks cache something else (Mllama's cross-attention blocks cache the image),
+  block 0 is fixed: removing every block before the first such block would put it first, and
+  cached generation then reads the image's length as the text's (measured: a shape error).
 - Required layer type (``Adapter.required_layer_type``, Qwen3.5's ``full_attention``): at least
   one block of that type must stay (a whole-removal rule; why is ``Adapter.required_reason``).
 """
@@ -163,6 +170,10 @@ def rule_notes(adapter: Adapter) -> list[str]:
     notes = []
     if adapter.fixed_leading_key:
         notes.append(f"the first len(config.{adapter.fixed_leading_key}) blocks cannot be removed ({adapter.fixed_reason})")
+    for list_key, reason in adapter.fixed_lists:
+        notes.append(f"the blocks listed in {key(list_key)} cannot be removed ({reason})")
+    if adapter.fixed_first:
+        notes.append(f"block 0 cannot be removed ({adapter.fixed_first})")
     if adapter.kv_shared_key:
         notes.append(
             f"KV sharing: the last {key(adapter.kv_shared_key)} blocks reuse the keys and values of the last earlier block "
@@ -199,21 +210,38 @@ def _recorded_rules(rules: Any, num_blocks: int) -> bool:
 
 
 def fixed_blocks(adapter: Adapter, config: Any) -> dict[int, str]:
-    """{block index: why it cannot be removed} under the adapter's KV-sharing and last-type rules."""
+    """{block index: why it cannot be removed} under the adapter's fixed lists, KV-sharing and last-type rules."""
+    listed = _listed_blocks(adapter, config)
     if not (adapter.kv_shared_key or adapter.last_layer_type):
-        return {}
+        return listed
     text = adapter.text_config(config)
     count = adapter.num_blocks(config)
     types = list(getattr(text, "layer_types", None) or [])
     if len(types) != count:
-        return {}  # inconsistent configs are refused by surgery with their own message
+        return listed  # inconsistent configs are refused by surgery with their own message
     fixed = _kv_sources(adapter.kv_shared_key, getattr(text, adapter.kv_shared_key, 0), types) if adapter.kv_shared_key else {}
+    fixed.update(listed)
     kind = adapter.last_layer_type
     if kind and len(types) > 1 and types[-1] == kind and types[-2] != kind:
         fixed.setdefault(
             count - 1,
             f"layer_types: transformers forces the last block to {kind}; removing it would leave block {count - 2} ({types[-2]}) last",
         )
+    return fixed
+
+
+def _listed_blocks(adapter: Adapter, config: Any) -> dict[int, str]:
+    """The blocks named by the adapter's `fixed_lists` (Mllama's cross-attention blocks) and block 0
+    when `Adapter.fixed_first` says why, with why."""
+    if not (adapter.fixed_lists or adapter.fixed_first):
+        return {}
+    text = adapter.text_config(config)
+    count = adapter.num_blocks(config)
+    fixed: dict[int, str] = {0: adapter.fixed_first} if adapter.fixed_first else {}
+    for key, reason in adapter.fixed_lists:
+        for index in getattr(text, key, None) or ():
+            if isinstance(index, int) and 0 <= index < count:
+                fixed.setdefault(index, f"{key}: {reason}")
     return fixed
 
 

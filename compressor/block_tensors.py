@@ -14,8 +14,11 @@ Owns two rule kinds an `architectures.Adapter` states as data, applied to a mode
   d, so it is not sized by the block count and stays as it is.
 - decoder index attributes: ints on the module that holds the block list that count blocks
   from the start (Gemma 4's ``first_kv_shared_layer_idx``, computed once in ``__init__`` from
-  the config); remapped like `Adapter.index_fields`.
-- `problems`: after surgery, each block tensor spans exactly ``count`` slices.
+  the config); remapped like `Adapter.index_fields`. Lists of block numbers copied there from
+  the config (Mllama's ``cross_attention_layers``, `Adapter.decoder_index_lists`) are
+  renumbered like `Adapter.index_lists`.
+- `problems`: after surgery, each block tensor spans exactly ``count`` slices, and each decoder
+  index list says what the config says.
 
 Neither torch nor transformers is imported at module level: `checkpoint` uses this module and
 must stay free of both.
@@ -96,7 +99,7 @@ def slice_in_memory(model: nn.Module, adapter: Adapter, kept: Sequence[int], num
     import torch
     from torch import nn
 
-    if not (adapter.block_tensors or adapter.decoder_index_attrs):
+    if not (adapter.block_tensors or adapter.decoder_index_attrs or adapter.decoder_index_lists):
         return
     decoder = decoder_of(model, adapter)
     for rule in adapter.block_tensors:
@@ -117,6 +120,11 @@ def slice_in_memory(model: nn.Module, adapter: Adapter, kept: Sequence[int], num
         value = getattr(decoder, attr, None)
         if isinstance(value, int):
             setattr(decoder, attr, sum(1 for i in kept if i < value))
+    new_index = {old: new for new, old in enumerate(kept)}
+    for attr in adapter.decoder_index_lists:
+        values = getattr(decoder, attr, None)
+        if isinstance(values, (list, tuple)):
+            setattr(decoder, attr, [new_index[i] for i in values if i in new_index])
 
 
 def problems(model: nn.Module, adapter: Adapter, text_config: Any, count: int) -> list[str]:
@@ -129,6 +137,10 @@ def problems(model: nn.Module, adapter: Adapter, text_config: Any, count: int) -
         width = getattr(text_config, rule.width_key, None)
         if weight is not None and isinstance(width, int) and weight.shape[rule.axis] != count * width:
             found.append(f"{rule.name} has {weight.shape[rule.axis]} entries along axis {rule.axis}, expected {count} × {width}")
+    for attr in adapter.decoder_index_lists:
+        held, stated = getattr(decoder_of(model, adapter), attr, None), getattr(text_config, attr, None)
+        if held is not None and stated is not None and list(held) != list(stated):
+            found.append(f"the decoder module's {attr} = {list(held)}, but the config's is {list(stated)}")
     return found
 
 

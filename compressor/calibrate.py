@@ -218,6 +218,16 @@ def modality_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_
     return {"all": valid, "text": valid & ~image, "image": image}
 
 
+def check_calibratable(adapter: Adapter) -> None:
+    """Refuse, before any pass, a family whose blocks the hooks cannot measure (`Adapter.calibration_refusal`)."""
+    if adapter.calibration_refusal:
+        raise UnsupportedArchitectureError(
+            f"'{adapter.family}' models cannot be calibrated: {adapter.calibration_refusal}.",
+            fix="prune with an explicit list of blocks (select: {op: explicit, blocks: [...]}): surgery and its "
+            "export-time check need no calibration.",
+        )
+
+
 def calibrate(
     model: nn.Module,
     processor: Any,
@@ -239,6 +249,7 @@ def calibrate(
 
     from .functional import greedy_steps, measure
 
+    check_calibratable(adapter)
     if options.num_samples is not None:
         samples = samples[: options.num_samples]
     blocks = adapter.blocks(model)

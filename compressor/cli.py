@@ -388,6 +388,12 @@ def plan_command(
     help="Rewrite the safetensors files directly, one tensor at a time, without loading the model.",
 )
 @click.option("--onnx/--no-onnx", default=None, help="Also write verified ONNX graphs in OUTPUT/onnx [recipe's export.formats].")
+@click.option(
+    "--probe-adapter",
+    is_flag=True,
+    help="For a family without a written adapter: prune with the one `compressor arch probe` proposes, only when it "
+    "classifies every block-tied field and the export-time proof passes (--verify reload/none are refused). Off: refused.",
+)
 @_verify_option
 @_calibration_options
 @_placement_options
@@ -406,6 +412,7 @@ def prune_command(
     dry_run: bool,
     out_of_core: bool,
     onnx: bool | None,
+    probe_adapter: bool,
     verify: str | None,
     device: str,
     dtype: str,
@@ -440,6 +447,7 @@ def prune_command(
             onnx=onnx,
             trust_remote_code=trust_remote_code,
             verify=verify,
+            probe_adapter=probe_adapter,
         )
     else:
         placement = _placement(kwargs)
@@ -460,6 +468,7 @@ def prune_command(
             allow_outside_data=allow_outside_data,
             trust_remote_code=trust_remote_code,
             verify=verify,
+            probe_adapter=probe_adapter,
             **_overrides(kwargs),
         )
     _report_prune(result)
@@ -1162,9 +1171,33 @@ def arch_list() -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    click.echo(
+        "\nblock-tied rules: what removing blocks does to each field (the same rules in memory and out of core; "
+        "`compressor arch probe MODEL` proposes them for a family without an adapter):"
+    )
+    rules = [("family", "field", "rule", "why")]
+    for a in ADAPTERS:
+        rules += [(a.family if i == 0 else "", r.field, r.kind, r.reason) for i, r in enumerate(a.rules())]
+    widths = [max(len(r[i]) for r in rules) for i in range(3)]
+    for row in rules:  # indented: the family table above is the one with a row per family
+        click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, [*widths, 0])).rstrip())
     notes = [f"  {a.family}: {note}" for a in ADAPTERS for note in (*a.notes, *rule_notes(a))]
     if notes:
         click.echo("\nnotes:\n" + "\n".join(notes))
+
+
+@arch_group.command("probe")
+@click.argument("model")
+@_trust_option
+@_verbosity
+def arch_probe_command(model: str, trust_remote_code: bool) -> None:
+    """Propose an adapter for MODEL's family (folder or Hub id) from its config, its skeleton on the meta
+    device and its safetensors headers (no weights loaded): the decoder blocks, every block-tied field with
+    the rule proposed for it (or UNCLASSIFIED, and why), and the `Adapter(...)` literal."""
+    from .arch_probe import probe_model
+    from .hub import resolve_model_ref
+
+    click.echo(probe_model(resolve_model_ref(model, trust_remote_code=trust_remote_code)).describe())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ class Head(nn.Module):
 
     def __init__(self, model: nn.Module, adapter: Adapter):
         super().__init__()
-        self.norm = _walk(model, adapter.block_path(model).rpartition(".")[0]).norm
+        self.norm = getattr(_walk(model, adapter.block_path(model).rpartition(".")[0]), adapter.final_norm)
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(adapter.text_config(model.config), "final_logit_softcapping", None)
         self.vocab = self.lm_head.weight.shape[0]
@@ -461,8 +461,10 @@ def measure(
     ``greedy`` as order and losses) and timings."""
     from tqdm.auto import tqdm
 
+    from .calibrate import check_calibratable
     from .data import build_batch
 
+    check_calibratable(adapter)
     samples = [s for chunk in chunks for s in chunk]
     num_blocks = len(adapter.blocks(model))
     head = Head(model, adapter)

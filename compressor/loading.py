@@ -315,14 +315,23 @@ def find_processor_class(name: str) -> type | None:
     served from it: it stands in under the torchvision module's name only while the processing module is
     imported. A processing module that needs more than the PIL module has still fails, and its error
     names torchvision.
+
+    5.24 files some such modules (Pixtral's) as needing torchvision as a whole: the name then resolves,
+    without an error, to a placeholder that raises on use. Served the same way, the module's own class
+    is returned instead.
     """
     try:
-        return processor_class_from_name(name)
+        found = processor_class_from_name(name)
     except ImportError:
         where = getattr(transformers, "_class_to_module", {}).get(name)
         if is_torchvision_available() or where is None or not _import_with_pil_helpers(where):
             raise
         return processor_class_from_name(name)
+    where = getattr(transformers, "_class_to_module", {}).get(name)
+    if type(found).__name__ == "DummyObject" and where is not None and not is_torchvision_available():
+        if f"transformers.{where}" in sys.modules or _import_with_pil_helpers(where):
+            return getattr(sys.modules[f"transformers.{where}"], name, found)
+    return found
 
 
 def _import_with_pil_helpers(where: str) -> bool:

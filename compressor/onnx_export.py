@@ -91,6 +91,8 @@ TEXT_GRAPH = "model.onnx"
 GENAI_PACKAGE = "onnxruntime-genai-cuda==0.18.0"
 EXPORTER = "torch.onnx.export (TorchScript), compressor graphs"
 LAYOUTS = {"text": "genai", "split": "split"}  # Adapter.onnx -> the layout written
+# rope_type values whose frequencies follow the sequence length at run time (`check_traceable` refuses them).
+DYNAMIC_ROPE = frozenset({"dynamic", "longrope"})
 SPLIT_GRAPHS = {"vision_encoder": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx", "decoder": "decoder_model_merged.onnx"}
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf caps a file at 2 GiB; keep a margin for the graph
 GREEDY_TOKENS = 6
@@ -130,10 +132,24 @@ def check_traceable(model: Any, adapter: Adapter) -> None:
     mixture-of-experts block with one module per expert, as transformers < 5 writes them): the
     loop visits the experts the batch routes to, so a traced graph holds only the example's
     experts and fails on other tokens (Qwen3-MoE on 4.57: "Split size 1 exceeds the remaining
-    size"). transformers 5 keeps the experts as one tensor, which `traceable` gathers by index."""
+    size"). transformers 5 keeps the experts as one tensor, which `traceable` gathers by index.
+    Also a rotary embedding whose frequencies follow the sequence length (`DYNAMIC_ROPE`: Phi-3.5 and
+    Phi-4-mini's LongRoPE): the graph would keep the tracing example's frequencies."""
     from torch import nn
 
     for name, module in model.named_modules():
+        # Rotary embeddings whose frequencies follow the sequence length (`dynamic_rope_update`): 4.57
+        # picks LongRoPE's short or long factors, or rescales dynamic NTK, in a Python branch (traced: one
+        # branch for every length); 5.x updates a buffer in place, which the exporter cannot write.
+        rope = getattr(module, "rope_type", None)
+        dynamic = sorted({kind for kind in (rope.values() if isinstance(rope, dict) else [rope]) if kind in DYNAMIC_ROPE})
+        if dynamic:
+            raise UnsupportedArchitectureError(
+                f"'{adapter.family}' cannot be exported to ONNX: {name} is a rotary embedding of type {', '.join(dynamic)}, whose "
+                "frequencies change with the sequence length at run time, and a traced graph would keep those of the tracing "
+                "example.",
+                fix="export the Hugging Face checkpoint only (a model of this family without rope scaling exports).",
+            )
         if isinstance(getattr(module, "experts", None), nn.ModuleList):
             raise UnsupportedArchitectureError(
                 f"'{adapter.family}' cannot be exported to ONNX with this transformers: {name} loops over its experts in Python, "

@@ -451,9 +451,14 @@ def prune(
     allow_outside_data: bool = False,
     trust_remote_code: bool = False,
     verify: str | None = None,
+    probe_adapter: bool = False,
     **calibration_overrides: Any,
 ) -> PruneResult:
     """Load, (calibrate,) plan, remove the blocks and write a verified HF checkpoint at ``out``.
+
+    ``probe_adapter``: a model of a family without a written adapter is pruned with the one
+    `compressor arch probe` proposes, when it classifies every block-tied field, and only with
+    the export-time proof (`arch_probe.probed_adapter`).
 
     ``verify`` (`manifest.VERIFY_MODES`, default the strongest that fits: see the module
     docstring) says how the written checkpoint is checked.
@@ -481,7 +486,10 @@ def prune(
         )
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
     sources = [source.path, data_path, calibration, plan_file, recipe_file.path if recipe_file else None]
-    with claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext():
+    with (
+        _probed(source, probe_adapter, verify=verify, dry_run=dry_run) as verify,
+        claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext(),
+    ):
         inputs = read_inputs(
             data=data_path, calibration=calibration, plan_file=plan_file, options=options, allow_outside_data=allow_outside_data
         )
@@ -500,6 +508,17 @@ def prune(
             out_of_core=_spread(placement),
             verify=verify,
         )
+
+
+def _probed(source: ModelSource, enabled: bool, *, verify: str | None, dry_run: bool) -> Any:
+    """A context yielding the verification mode: with --probe-adapter, `arch_probe.probed_adapter`
+    (a family without a written adapter is pruned with the proposed one, the proof required);
+    without it, ``verify`` as given (an unknown family is refused as before)."""
+    if not enabled:
+        return nullcontext(verify)
+    from .arch_probe import probed_adapter  # torch and transformers: only when asked for
+
+    return probed_adapter(source, verify=verify, dry_run=dry_run)
 
 
 def _heal_options(recipe_file: RecipeFile, onnx: bool | None, dtype: str | None) -> Any:
@@ -550,6 +569,7 @@ def prune_out_of_core(
     onnx: bool | None = None,
     trust_remote_code: bool = False,
     verify: str | None = None,
+    probe_adapter: bool = False,
 ) -> PruneResult:
     """Rewrite the checkpoint's safetensors files without loading the model (no GPU, little RAM).
 
@@ -557,12 +577,16 @@ def prune_out_of_core(
     calibration report; calibrating needs the model in memory, so it cannot happen here.
     The written checkpoint is then checked as ``verify`` says (`out_of_core_verify`): by
     default compared with the original, loading both one after the other, when they fit in RAM.
+    ``probe_adapter`` as for `prune` (the proof is then required, so both models must fit).
     """
     _one_of(recipe_file, plan_file)
     check_verify(verify)
     source = resolve_model_ref(model_ref, trust_remote_code=trust_remote_code)
     sources = [source.path, calibration, plan_file, recipe_file.path if recipe_file else None]
-    with claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext():
+    with (
+        _probed(source, probe_adapter, verify=verify, dry_run=dry_run) as verify,
+        claimed(out, overwrite=overwrite, sources=sources) if not dry_run else nullcontext(),
+    ):
         inputs = read_inputs(data=None, calibration=calibration, plan_file=plan_file, options=None, allow_outside_data=False)
         return _prune_out_of_core(
             source, out, recipe_file, inputs, overwrite=overwrite, dry_run=dry_run, progress=progress, onnx=onnx, verify=verify

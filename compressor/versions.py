@@ -3,7 +3,9 @@
 Owns the installed versions compressor reports (`--version`, `arch list`, manifests read them
 elsewhere) and whether a family's modeling code is present: a family added to transformers in
 5.x (Qwen3.5, Gemma 4) cannot load under 4.57, and the user should hear which version to
-install rather than "model type not recognized". Both answers come from package metadata and
+install rather than "model type not recognized"; a family whose code an older release ships in a
+form compressor's rules do not handle names its minimum (`Adapter.min_transformers`, with a
+"needs transformers ..." note saying why). Both answers come from package metadata and
 the package's folder (transformers/models/<module>), so `compressor --version` and
 `compressor arch list` stay fast: importing transformers takes seconds.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,10 +45,27 @@ def _models_dir() -> Path | None:
 
 
 def family_available(adapter: Adapter) -> bool:
-    """Whether the installed transformers ships this family's modeling code."""
+    """Whether the installed transformers ships this family's modeling code, in a release the family
+    supports (`Adapter.min_transformers`: an older release may ship the code and still not do)."""
     models = _models_dir()
     module = adapter.transformers_module or adapter.model_types[0]
-    return models is not None and (models / module / "__init__.py").is_file()
+    if models is None or not (models / module / "__init__.py").is_file():
+        return False
+    version = installed("transformers")
+    return not (adapter.min_transformers and version) or _release(version) >= _release(adapter.min_transformers)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: "5.24.0rc1" -> (5, 24, 0)."""
+    numbers = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits.group()))
+        if digits.group() != part:
+            break
+    return tuple(numbers)
 
 
 def requirement(adapter: Adapter) -> str:
@@ -57,9 +77,11 @@ def check_family_available(adapter: Adapter, where: Path | str) -> None:
     """Refuse, before transformers is asked, a family the installed transformers lacks."""
     if family_available(adapter):
         return
+    why = next((note for note in adapter.notes if note.startswith("needs transformers")), "")
     raise UnsupportedArchitectureError(
         f"'{where}' is a {adapter.family} model ({', '.join(adapter.architectures)}), whose code this "
-        f"transformers ({installed('transformers') or 'not installed'}) does not have.",
+        f"transformers ({installed('transformers') or 'not installed'}) does not have"
+        + (f" in a release compressor supports ({why})." if why else "."),
         fix=f"install a transformers that has it: pip install '{requirement(adapter)}'.",
     )
 

@@ -29,10 +29,13 @@ def save_plan(path, removed: list[int], num_blocks: int = 6):
 
 def plan_for(tiny, tmp_path, removed: list[int]):
     from compressor.architectures import blocks_of_folder
+    from compressor.hub import ModelSource
     from compressor.pipeline import fixed_blocks_of_folder
 
     assert blocks_of_folder(tiny.path)[1] == 6
-    return save_plan(tmp_path / "plan.json", removable(removed, fixed_blocks_of_folder(tiny.path, None)))
+    # A source, not None: a config.json the rules cannot read as JSON (LFM2 saved by 4.57) is read by transformers.
+    source = ModelSource(ref=str(tiny.path), path=tiny.path)
+    return save_plan(tmp_path / "plan.json", removable(removed, fixed_blocks_of_folder(tiny.path, source)))
 
 
 def verification(out) -> list[dict]:

@@ -286,4 +286,7 @@ def test_a_family_missing_from_transformers_is_skipped_with_the_reason(monkeypat
     assert reason is not None and "lacks the qwen3_5 family" in reason and "transformers>=5.17" in reason
     (tmp_path / "qwen3_5").mkdir()
     (tmp_path / "qwen3_5" / "__init__.py").write_text("")
+    monkeypatch.setattr(versions, "installed", lambda package: "5.17.0")  # the folder, in a release the adapter supports
     assert missing_reason("qwen3_5") is None
+    monkeypatch.setattr(versions, "installed", lambda package: "5.16.0")  # the folder in an older release: still refused
+    assert "needs transformers>=5.17" in missing_reason("qwen3_5")

@@ -29,7 +29,7 @@ from compressor.onnx_runtime import GENAI_CONFIG, METADATA, SplitRunner, genai_g
 from compressor.onnx_verify import OnnxParityError
 from compressor.surgery import apply_plan, count_parameters
 
-from .conftest import FAMILIES, MULTIMODAL
+from .conftest import FAMILIES, MULTIMODAL, removable
 from .test_surgery import make_plan
 
 # Families whose adapter refuses ONNX (`Adapter.onnx_refusal`) are checked for the refusal instead.
@@ -42,7 +42,7 @@ REMOVED = [1, 4]  # of 6: keeps a mix of sliding and full layers where the famil
 EVERY_LAYOUT = (*TEXT, *VLM)
 # transformers < 5 writes a mixture-of-experts block as a Python loop over one module per expert,
 # which `check_traceable` refuses; 5.x keeps the experts as one tensor, which exports.
-LOOPED_EXPERTS = {"qwen3_moe"} & set(TEXT) if int(transformers.__version__.split(".")[0]) < 5 else set()
+LOOPED_EXPERTS = {"qwen3_moe", "mixtral"} & set(TEXT) if int(transformers.__version__.split(".")[0]) < 5 else set()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def pruned(tiny_models, tmp_path_factory) -> dict[str, Path]:
     for family, tiny in tiny_models.items():
         loaded = tiny.load()
         before = count_parameters(loaded.model)
-        plan = make_plan(REMOVED)
+        plan = make_plan(removable(REMOVED, loaded.adapter.fixed_blocks(loaded.model.config)))
         apply_plan(loaded.model, plan, loaded.adapter)
         folders[family] = export_hf(loaded.model, loaded.processor, loaded.adapter, root / family, plan=plan, params_before=before).path
     return folders

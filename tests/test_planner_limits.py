@@ -268,8 +268,12 @@ def test_arch_list_states_every_rule_from_the_adapters(capsys):
     assert "  gemma4_text: last layer type: transformers forces the last block to full_attention" in notes
     assert "  qwen3_5: required layer type: a plan must keep at least one full_attention block (config.text_config.layer_types)" in notes
     assert "  qwen3_vl: the first len(config.vision_config.deepstack_visual_indexes) blocks cannot be removed" in notes
+    assert "  mllama: the blocks listed in config.text_config.cross_attention_layers cannot be removed" in notes
     for adapter in ADAPTERS:  # each note comes from the adapter's data: no rule, no note
-        assert rule_notes(replace(adapter, fixed_leading_key="", kv_shared_key="", last_layer_type="", required_layer_type="")) == []
+        unset = dict(fixed_leading_key="", kv_shared_key="", last_layer_type="", required_layer_type="", fixed_lists=(), fixed_first="")
+        bare = replace(adapter, **unset)
+        assert rule_notes(bare) == []
         ruled = sum(map(bool, (adapter.fixed_leading_key, adapter.kv_shared_key, adapter.last_layer_type, adapter.required_layer_type)))
+        ruled += len(adapter.fixed_lists) + bool(adapter.fixed_first)
         assert len(rule_notes(adapter)) == ruled
         assert all(f"  {adapter.family}: {note}" in notes for note in rule_notes(adapter))

@@ -20,7 +20,7 @@ from compressor.export import export_hf
 from compressor.planner import RemovedBlock, SurgeryPlan
 from compressor.surgery import apply_plan, check_invariants, count_parameters, layer_period, skip_blocks
 
-from .conftest import build_tiny, removable, write_data
+from .conftest import FAMILIES, build_tiny, removable, write_data
 
 
 def make_plan(removed: list[int], num_blocks: int = 6) -> SurgeryPlan:
@@ -37,13 +37,14 @@ def greedy_without_cache(model, inputs: dict, steps: int, *, suppress: list[int]
     """Greedy decoding recomputing the whole sequence each step: needs no KV cache at all.
 
     Tokens in ``suppress`` are never chosen (as ``generate(suppress_tokens=...)``). Other
-    per-token inputs (Gemma3's token_type_ids) grow by repeating their last column, as
-    generate() does. For a prefix-LM (PaliGemma), generated tokens are marked as the suffix
+    per-token inputs (Gemma3's token_type_ids; Mllama's cross_attention_mask, per token along
+    dim 1) grow by repeating their last column, as generate() does. For a prefix-LM (PaliGemma), generated tokens are marked as the suffix
     (token_type_ids 1, with labels) so they attend causally, as in cached decoding, instead of
     both ways like the prompt.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    per_token = {k for k, v in extra.items() if v.shape[:2] == ids.shape}  # decided on the prompt, not as ids grow
     prompt_length = ids.shape[1]
     for _ in range(steps):
         step = dict(extra)
@@ -53,7 +54,7 @@ def greedy_without_cache(model, inputs: dict, steps: int, *, suppress: list[int]
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **step).logits[:, -1]
         logits[:, suppress] = -torch.inf
         token = logits.argmax(dim=-1, keepdim=True)
-        extra = {k: torch.cat([v, v[:, -1:]], dim=1) if v.shape == ids.shape else v for k, v in extra.items()}
+        extra = {k: torch.cat([v, v[:, -1:]], dim=1) if k in per_token else v for k, v in extra.items()}
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     return ids
@@ -71,8 +72,12 @@ def placeholder_ids(processor) -> list[int]:
 def attention_type(block) -> str:
     """A block's attention type as its modules hold it: the block's ``attention_type`` in
     transformers 4.x, its attention's ``layer_type`` in 5.x (Qwen3.5: the block's ``block_type``,
-    since a linear-attention block has no ``self_attn``)."""
+    since a linear-attention block has no ``self_attn``; LFM2: whether the block is an attention one)."""
     kind = getattr(block, "attention_type", None) or getattr(block, "block_type", None)
+    if kind is None and hasattr(block, "is_attention_layer"):  # LFM2: attention or short-convolution blocks
+        kind = "full_attention" if block.is_attention_layer else "conv"
+    if kind is None and hasattr(getattr(block, "self_attn", None), "use_rope"):  # Llama 4 (5.x): RoPE blocks attend in chunks
+        kind = "chunked_attention" if block.self_attn.use_rope and block.self_attn.config.attention_chunk_size else "full_attention"
     return kind if kind is not None else block.self_attn.layer_type
 
 
@@ -146,10 +151,11 @@ def test_export_reloads_clean_and_identical(tiny, tmp_path):
     loaded = tiny.load()
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     before = count_parameters(model)
-    plan = make_plan([1, 3])
+    removed = removable([1, 3], adapter.fixed_blocks(model.config))
+    plan = make_plan(removed)
     samples = load_samples(tiny.data)[:2]
     batch = build_batch(processor, samples, with_answer=True)
-    with torch.no_grad(), skip_blocks(model, adapter, [1, 3]):
+    with torch.no_grad(), skip_blocks(model, adapter, removed):
         reference = model(**batch.inputs, use_cache=False).logits
     apply_plan(model, plan, adapter)
     out = tmp_path / "pruned"
@@ -167,10 +173,10 @@ def test_export_reloads_clean_and_identical(tiny, tmp_path):
         assert torch.equal(reference, reloaded.eval()(**batch.inputs).logits)
     assert adapter.num_blocks(reloaded.config) == 4
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "depth-pruning" in card and "| 1 |" in card and "| 3 |" in card
+    assert card.startswith("---\n") and "depth-pruning" in card and all(f"| {i} |" in card for i in removed)
 
 
-LAYERED = [a.family for a in ADAPTERS if a.per_layer_lists]
+LAYERED = [a.family for a in ADAPTERS if a.per_layer_lists and a.family in FAMILIES]  # tiny-buildable ones
 
 
 @pytest.mark.parametrize("removed", [[0, 3], [0]], ids=["two", "first"])

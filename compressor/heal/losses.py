@@ -47,7 +47,7 @@ def run(model: nn.Module, adapter: Adapter, inputs: dict[str, torch.Tensor], blo
     ending it early (an exception from a hook) would skip the post-forward hooks FSDP's sharded
     modules rely on."""
     blocks = adapter.blocks(model)
-    norm = _walk(model, adapter.block_path(model).rpartition(".")[0]).norm
+    norm = getattr(_walk(model, adapter.block_path(model).rpartition(".")[0]), adapter.final_norm)
     kept: dict[int, torch.Tensor] = {}
     final: list[torch.Tensor] = []
 
