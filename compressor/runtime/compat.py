@@ -1,8 +1,8 @@
 """Where transformers 4.57 and 5.x differ for run-time token participation, in one place.
 
-- The KV cache's name: 5.x passes it as ``cache`` (to ``generate``, the model and each decoder
-  block) and returns it as ``GenerateDecoderOnlyOutput.cache``; 4.57 calls it ``past_key_values``
-  everywhere (`CACHE_KWARG`, `generated_cache`, `block_cache`).
+- The KV cache's name: 5.24 passes it as ``cache`` (to ``generate``, the model and each decoder
+  block) and returns it as ``GenerateDecoderOnlyOutput.cache``; 4.57 and 5.17 call it
+  ``past_key_values`` everywhere (`CACHE_KWARG`, `generated_cache`, `block_cache`).
 - A cache layer's mask size: 5.x asks ``get_mask_sizes(query_length)``, 4.57
   ``get_mask_sizes(cache_position)`` (a tensor of the query's positions); `query_length` reads either.
 - A prefix-LM (PaliGemma) forward without cache: 4.57 reads ``token_type_ids`` only when training
@@ -14,15 +14,19 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
 import transformers
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
-# The keyword of the KV cache in `generate`, the model's forward and its decoder blocks.
-CACHE_KWARG = "cache" if TRANSFORMERS_5 else "past_key_values"
+# The keyword of the KV cache in `generate`, the model's forward and its decoder blocks: renamed
+# from ``past_key_values`` to ``cache`` within 5.x (5.17 still has the old name, 5.24 the new), so
+# read from the installed release rather than its version number.
+CACHE_KWARG = "cache" if "cache" in {f.name for f in fields(GenerateDecoderOnlyOutput)} else "past_key_values"
 
 
 def generated_cache(output: Any) -> Any:
